@@ -1,0 +1,1 @@
+"""l4lb: a TCP (layer-4) load balancer built on Twisted."""
