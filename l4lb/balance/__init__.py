@@ -15,6 +15,7 @@ it returns ``None`` when nothing is left, and the pool decides what that means
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection, Sequence
 from typing import Protocol, TypeVar
 
@@ -41,4 +42,38 @@ def has_room(server: Candidate) -> bool:
     return server.max_connections == 0 or server.live < server.max_connections
 
 
-POLICY_NAMES = ("least-connections", "round-robin", "random-two", "source-hash", "first")
+POLICY_NAMES = (
+    "least-connections",
+    "round-robin",
+    "random-two",
+    "source-hash",
+    "first",
+)
+
+
+def make_policy(name: str, rng: random.Random | None = None) -> Policy:
+    """A new policy object for ``name`` (one of ``POLICY_NAMES``).
+
+    Each pool gets its own object: policies keep per-pool state (pick order,
+    round-robin counters, the Maglev table).  ``rng`` is used by random-two
+    only; by default it gets its own ``random.Random()``.
+    """
+    # Imported here: the modules import ``has_room`` from this package.
+    from .first import First
+    from .leastconn import LeastConnections
+    from .maglev import SourceHash
+    from .randomtwo import RandomTwo
+    from .roundrobin import RoundRobin
+
+    if name == "least-connections":
+        return LeastConnections()
+    if name == "round-robin":
+        return RoundRobin()
+    if name == "random-two":
+        return RandomTwo(rng)
+    if name == "source-hash":
+        return SourceHash()
+    if name == "first":
+        return First()
+    choices = ", ".join(POLICY_NAMES)
+    raise ValueError(f"unknown balancing policy {name!r}; choose from {choices}")

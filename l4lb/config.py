@@ -1,0 +1,1018 @@
+"""Load and validate the l4lb TOML configuration.
+
+The file is parsed into frozen attrs classes (:class:`Config` and friends).
+Validation collects *every* problem it finds in one pass and raises a single
+:class:`ConfigError`, so an operator fixes a broken file in one edit instead of
+one restart per typo.
+
+Problems name the offending key by its dotted path in the file, for example
+``frontend.redis.idle_timeout`` or ``pool.redis.server[1].address``.  Entries of
+an array of tables (``[[pool.redis.server]]``) are numbered from 0 in file
+order, so ``server[1]`` is the second server of the pool.  Names that are not
+bare TOML keys are quoted (``frontend."my db".listen``).  TOML syntax errors
+use the key ``line N``; a file that cannot be read uses the key ``-``.
+
+The schema is table driven: each TOML table is a :class:`_Section` that maps
+its keys to readers (scalar converters, nested tables, named tables, arrays of
+tables) and names the attrs class it builds.  Defaults live only on the attrs
+classes.  Adding a key is one line in a section plus one attrs field; adding a
+sub-table (``[pool.X.health]``) is one new section plus one ``_Table(...)``
+entry in its parent.
+
+This module is pure: it imports nothing from ``twisted.internet``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import attrs
+
+from l4lb.balance import POLICY_NAMES
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FrontendConfig",
+    "GlobalConfig",
+    "PoolConfig",
+    "Problem",
+    "ServerAddress",
+    "ServerConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Sanity cap for counts: keeps absurd values (and OverflowError in listen())
+# out of the runtime.
+_MAX_COUNT = 2**31 - 1
+
+
+# --------------------------------------------------------------------------
+# Result classes
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ServerAddress:
+    """Where a backend server listens: TCP ``host``/``port`` or a unix path."""
+
+    host: str | None = None
+    port: int | None = None
+    unix_path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        """True for a unix socket address (the pool connects with AF_UNIX)."""
+        return self.unix_path is not None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        if self.host is not None and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class GlobalConfig:
+    """Process-wide settings (the optional ``[global]`` table)."""
+
+    max_connections: int = 100000
+    shutdown_grace: float = 30.0
+    log_format: str = "json"
+    log_level: str = "info"
+
+
+@attrs.frozen
+class FrontendConfig:
+    """One listening socket and the pool it forwards to."""
+
+    name: str
+    listen: str  # the text as written in the file, for messages and logs
+    endpoint: str  # Twisted server endpoint description for serverFromString
+    pool: str
+    max_connections: int = 10000
+    idle_timeout: float = 3600.0
+    half_closed_timeout: float = 60.0
+    backlog: int = 1024
+
+
+@attrs.frozen
+class ServerConfig:
+    """One backend server of a pool."""
+
+    name: str
+    address: ServerAddress
+    weight: int = 1
+    max_connections: int = 0
+    backup: bool = False
+
+
+@attrs.frozen
+class PoolConfig:
+    """A group of interchangeable servers and how to spread clients over them."""
+
+    name: str
+    servers: tuple[ServerConfig, ...]
+    balance: str = "least-connections"
+    connect_timeout: float = 3.0
+    retries: int = 3
+    queue_timeout: float = 5.0
+    max_queue: int = 1000
+
+
+@attrs.frozen
+class Config:
+    """The whole validated configuration; sequences keep file order."""
+
+    source: str
+    global_: GlobalConfig
+    frontends: tuple[FrontendConfig, ...]
+    pools: tuple[PoolConfig, ...]
+
+    def pool(self, name: str) -> PoolConfig:
+        """The pool called ``name``; KeyError when there is none."""
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+    def frontend(self, name: str) -> FrontendConfig:
+        """The frontend called ``name``; KeyError when there is none."""
+        for frontend in self.frontends:
+            if frontend.name == name:
+                return frontend
+        raise KeyError(name)
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with the file, located by its key path."""
+
+    source: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: tuple[Problem, ...]) -> None:
+        super().__init__(problems)
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self.problems)
+
+
+# --------------------------------------------------------------------------
+# Value helpers
+# --------------------------------------------------------------------------
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """``text`` in double quotes with escapes, shortened for messages."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(value: int | float) -> str:
+    """A number as text, even one too long for Python's int-to-str limit."""
+    try:
+        return str(value)
+    except ValueError:
+        return "(a very large number)"
+
+
+def _describe(value: object) -> str:
+    """Name a TOML value's type (and the value) for "got ..." messages."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {_number(value)}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a date/time ({value})"
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A ``(did you mean "x"?)`` hint, or nothing when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _join(path: str, key: str) -> str:
+    """Append ``key`` to a dotted path, quoting it when it is not a bare key."""
+    if not _BARE_KEY.fullmatch(key):
+        key = _quote(key, limit=200)
+    return f"{path}.{key}" if path else key
+
+
+# --------------------------------------------------------------------------
+# Scalar converters: take a TOML value, return the Python value or raise
+# ValueError with a message for the operator.
+# --------------------------------------------------------------------------
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_BARE_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+_UNIT_SECONDS = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+}
+_DURATION_HINT = 'a number of seconds or a string like "250ms", "2s", "5m", "1h"'
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in a duration given as a number or a string such as ``"250ms"``.
+
+    Timeouts are easier to read with a unit, but plain numbers of seconds are
+    what TOML users write first, so both are accepted.  A numeric *string*
+    without a unit is refused: it is ambiguous (seconds? milliseconds?).
+    Raises ValueError with a message meant for the operator.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(
+            f"expected a duration ({_DURATION_HINT}), got {_describe(value)}"
+        )
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            if _BARE_NUMBER.fullmatch(value):
+                if value.startswith("-"):
+                    raise ValueError(f"must not be negative, got {_quote(value)}")
+                raise ValueError(
+                    f"duration {_quote(value)} has no unit; write a number of seconds"
+                    f" without quotes, or add a unit: ms, s, m or h"
+                    f" (e.g. {_quote(value.lstrip('+') + 's')})"
+                )
+            if value.startswith("-") and _DURATION.fullmatch(value[1:]):
+                raise ValueError(f"must not be negative, got {_quote(value)}")
+            raise ValueError(
+                f"invalid duration {_quote(value)}; expected {_DURATION_HINT}"
+            )
+        try:
+            seconds = float(Decimal(match[1]) * _UNIT_SECONDS[match[2]])
+        except ArithmeticError:  # decimal.Overflow on absurdly long numbers
+            seconds = math.inf
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf if value > 0 else -math.inf
+    if math.isnan(seconds):
+        raise ValueError("expected a number of seconds, got float nan")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {_describe(value)}")
+    if math.isinf(seconds):
+        raise ValueError(f"duration is too large: {_describe(value)}")
+    return seconds if seconds else 0.0  # no -0.0
+
+
+def _duration(*, positive: bool = False) -> Callable[[object], float]:
+    """A duration converter; ``positive`` refuses 0 (elsewhere 0 means "disabled")."""
+
+    def convert(value: object) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds == 0:
+            raise ValueError("must be greater than 0")
+        return seconds
+
+    return convert
+
+
+def _integer(low: int = 0, high: int = _MAX_COUNT) -> Callable[[object], int]:
+    """An integer converter with inclusive bounds; refuses bools and floats."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if low <= value <= high:
+            return value
+        if high == _MAX_COUNT:
+            if value < low:
+                raise ValueError(f"must be at least {low}, got {_number(value)}")
+            raise ValueError(f"must be at most {high}, got {_number(value)}")
+        raise ValueError(f"must be between {low} and {high}, got {_number(value)}")
+
+    return convert
+
+
+def _boolean(value: object) -> bool:
+    """A TOML boolean; strings like "yes" are refused."""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected a boolean (true or false), got {_describe(value)}")
+    return value
+
+
+def _string(value: object) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[object], str]:
+    """A string that must be one of ``allowed`` (listed in the message)."""
+
+    def convert(value: object) -> str:
+        text = _string(value)
+        if text not in allowed:
+            raise ValueError(
+                f"unknown value {_quote(text)}{_suggest(text, allowed)};"
+                f" expected one of: {', '.join(allowed)}"
+            )
+        return text
+
+    return convert
+
+
+# --------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------
+
+_PORT = re.compile(r"[0-9]+")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?")
+_ADDRESS_FORMS = 'expected "host:port", "[ipv6]:port" or "unix:/path"'
+
+
+def _split_host_port(text: str, forms: str) -> tuple[str, str, bool]:
+    """Split ``host:port`` / ``[v6]:port`` into (host, port text, bracketed)."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"missing ']' after the IPv6 address ({forms})")
+        host, rest = text[1:close], text[close + 1 :]
+        if not rest:
+            raise ValueError("missing port (expected [ipv6]:port)")
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected {_quote(rest)} after ']' ({forms})")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{_quote(host)} in brackets is not an IPv6 address"
+            ) from None
+        return host, rest[1:], True
+    if "]" in text:
+        raise ValueError(f"']' without '[' ({forms})")
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"missing port ({forms})")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"too many ':' ({forms})") from None
+        raise ValueError(f"IPv6 addresses must be in brackets, e.g. [{host}]:{port}")
+    return host, port, False
+
+
+def _port(text: str, low: int) -> int:
+    """A decimal port number in ``low``..65535."""
+    if not text:
+        raise ValueError("missing port")
+    if not _PORT.fullmatch(text):
+        raise ValueError(f"port {_quote(text)} is not a number")
+    if len(text) > 5 or not low <= int(text) <= 65535:
+        raise ValueError(f"port {_quote(text, limit=20)[1:-1]} is out of range")
+    return int(text)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, or None when it is not an IP literal."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _server_address(value: object) -> ServerAddress:
+    """A backend address: ``host:port``, ``[v6]:port`` or ``unix:/path``."""
+    text = _string(value)
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError("unix socket path is empty")
+        if "\0" in path:
+            raise ValueError("unix socket path contains a NUL character")
+        return ServerAddress(unix_path=path)
+    host, port_text, bracketed = _split_host_port(text, _ADDRESS_FORMS)
+    if not host:
+        raise ValueError(f"missing host ({_ADDRESS_FORMS})")
+    port = _port(port_text, low=1)
+    ip = _ip(host)
+    if ip is not None:
+        return ServerAddress(host=str(ip), port=port)
+    if bracketed or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{_quote(host)} is not a valid IP address or host name")
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(f"{_quote(host)} is not a valid IPv4 address")
+    return ServerAddress(host=host, port=port)
+
+
+# Listen side: Twisted's endpoint grammar is ``type:arg:key=value`` with
+# ``\`` escaping the next character; these are the parameters l4lb accepts
+# for each endpoint type, in Twisted's positional order.
+_ENDPOINT_PARAMS: Mapping[str, tuple[str, ...]] = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "systemd": ("domain", "index", "name"),
+}
+_SYSTEMD_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _escape(text: str) -> str:
+    """Escape the characters that are special in Twisted endpoint strings."""
+    return re.sub(r"([\\:=])", r"\\\1", text)
+
+
+def _endpoint_args(text: str) -> tuple[list[str], dict[str, str]]:
+    """Split an endpoint description like Twisted's ``_parse`` does."""
+    fields: list[list[str]] = [[""]]
+    ops = ":="
+    chars = iter(text)
+    for char in chars:
+        if char in ops:
+            if char == ":":
+                fields.append([""])
+                ops = ":="
+            else:
+                fields[-1].append("")
+                ops = ":"
+        elif char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("endpoint description ends with a lone backslash")
+            fields[-1][-1] += escaped
+        else:
+            fields[-1][-1] += char
+    args = [field[0] for field in fields if len(field) == 1]
+    kwargs = {field[0]: field[1] for field in fields if len(field) == 2}
+    return args, kwargs
+
+
+@attrs.frozen
+class _Listen:
+    """A parsed ``listen`` value: the endpoint and what it binds."""
+
+    kind: str  # endpoint type: tcp, tcp6, unix or systemd
+    endpoint: str  # without a backlog when ``backlog`` is None
+    backlog: int | None  # backlog given inside an endpoint string
+    bind: tuple[Any, ...]  # what two frontends must not share, see _conflicts
+
+
+def _listen(value: object) -> _Listen:
+    """A frontend ``listen`` value: ``host:port``, ``:port`` or an endpoint string."""
+    text = _string(value)
+    kind = text.partition(":")[0]
+    if kind in _ENDPOINT_PARAMS and ":" in text:
+        return _listen_endpoint(text, kind)
+    host, port_text, bracketed = _split_host_port(
+        text, 'expected "ip:port", "[ipv6]:port", ":port" or a Twisted endpoint string'
+    )
+    port = _port(port_text, low=0)
+    if not host and not bracketed:
+        return _Listen("tcp", f"tcp:port={port}", None, ("tcp", None, port))
+    ip = _ip(host)
+    if ip is None:
+        raise ValueError(
+            f"listen host must be an IP address, got {_quote(host)}"
+            f' (use ":{port}" for all interfaces)'
+        )
+    kind = "tcp6" if ip.version == 6 else "tcp"
+    endpoint = f"{kind}:port={port}:interface={_escape(str(ip))}"
+    return _Listen(kind, endpoint, None, ("tcp", _wildcard(ip), port))
+
+
+def _wildcard(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> object:
+    """None for the any-address (0.0.0.0, ::), else the address itself."""
+    return None if ip.is_unspecified else ip
+
+
+def _listen_endpoint(text: str, kind: str) -> _Listen:
+    """Check a Twisted endpoint string enough to catch typos before startup."""
+    args, kwargs = _endpoint_args(text)
+    names = _ENDPOINT_PARAMS[kind]
+    positional = args[1:]
+    if len(positional) > len(names):
+        raise ValueError(f"too many arguments for a {kind}: endpoint")
+    params = dict(zip(names, positional, strict=False))
+    for key, item in kwargs.items():
+        if key not in names:
+            raise ValueError(
+                f"unknown parameter {_quote(key)} for a {kind}: endpoint"
+                f"{_suggest(key, names)}; known: {', '.join(names)}"
+            )
+        if key in params:
+            raise ValueError(f"parameter {_quote(key)} is given twice")
+        params[key] = item
+    backlog = None
+    if "backlog" in params:
+        backlog_text = params["backlog"]
+        if (
+            not _PORT.fullmatch(backlog_text)
+            or len(backlog_text) > 10
+            or not 1 <= int(backlog_text) <= _MAX_COUNT
+        ):
+            raise ValueError(f"backlog {_quote(backlog_text)} must be an integer >= 1")
+        backlog = int(backlog_text)
+    if kind in ("tcp", "tcp6"):
+        if "port" not in params:
+            raise ValueError(f"missing port in the {kind}: endpoint")
+        port = _port(params["port"], low=0)
+        interface = params.get("interface", "" if kind == "tcp" else "::")
+        if not interface:
+            return _Listen(kind, text, backlog, ("tcp", None, port))
+        ip = _ip(interface)
+        if ip is None:
+            raise ValueError(
+                f"interface must be an IP address, got {_quote(interface)}"
+            )
+        return _Listen(kind, text, backlog, ("tcp", _wildcard(ip), port))
+    if kind == "unix":
+        address = params.get("address", "")
+        if not address:
+            raise ValueError("unix socket path is empty")
+        if not re.fullmatch(r"[0-7]+", params.get("mode", "666")):
+            raise ValueError(f"mode {_quote(params['mode'])} must be an octal number")
+        if params.get("lockfile", "1") not in ("0", "1"):
+            raise ValueError(f"lockfile {_quote(params['lockfile'])} must be 0 or 1")
+        return _Listen(kind, text, backlog, ("unix", address))
+    if params.get("domain") not in _SYSTEMD_DOMAINS:
+        raise ValueError(
+            f"systemd: endpoints need domain= one of: {', '.join(_SYSTEMD_DOMAINS)}"
+        )
+    if ("index" in params) == ("name" in params):
+        raise ValueError("systemd: endpoints need exactly one of index= or name=")
+    if "index" in params and not _PORT.fullmatch(params["index"]):
+        raise ValueError(f"systemd index {_quote(params['index'])} is not a number")
+    return _Listen(
+        kind, text, None, ("systemd", params.get("index"), params.get("name"))
+    )
+
+
+def _conflicts(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """True when two frontends' binds cannot both succeed."""
+    if a[0] != b[0]:
+        return False
+    if a[0] == "tcp":
+        _, host_a, port_a = a
+        _, host_b, port_b = b
+        if port_a != port_b or port_a == 0:  # port 0 = a fresh ephemeral port
+            return False
+        return host_a is None or host_b is None or host_a == host_b
+    return a == b
+
+
+# --------------------------------------------------------------------------
+# The schema machinery
+# --------------------------------------------------------------------------
+
+
+class _Invalid:
+    """Marks a value that failed validation (its problem is already reported)."""
+
+
+_INVALID: Any = _Invalid()
+
+
+@attrs.define
+class _Ctx:
+    """Where problems are collected during one parse."""
+
+    source: str
+    problems: list[Problem] = attrs.Factory(list)
+
+    def report(self, key: str, message: str) -> None:
+        """Record one problem at ``key``."""
+        self.problems.append(Problem(self.source, key, message))
+
+
+class _Reader:
+    """Reads one TOML value at ``path``; returns _INVALID after reporting."""
+
+    def read(self, ctx: _Ctx, value: object, path: str) -> Any:
+        raise NotImplementedError
+
+
+@attrs.frozen
+class _Scalar(_Reader):
+    """A leaf value checked by a converter that raises ValueError."""
+
+    convert: Callable[[object], Any]
+
+    def read(self, ctx: _Ctx, value: object, path: str) -> Any:
+        try:
+            return self.convert(value)
+        except ValueError as error:
+            ctx.report(path, str(error))
+            return _INVALID
+
+
+@attrs.frozen
+class _Key:
+    """One key of a section: how to read it and whether it may be left out."""
+
+    reader: _Reader
+    required: bool = False
+    attr: str | None = None  # attrs field name, when not the TOML key
+    missing: str = "required key is missing"  # message; may use {path}
+
+
+# finish(ctx, path, raw table, values so far) may derive fields, check keys
+# against each other, and returns False when the section is unusable.
+_Finish = Callable[[_Ctx, str, Mapping[str, Any], dict[str, Any]], bool]
+
+
+@attrs.frozen
+class _Section:
+    """A TOML table: its keys, the class it builds, and cross-key checks."""
+
+    cls: Callable[..., Any]
+    keys: Mapping[str, _Key]
+    finish: _Finish | None = None
+
+
+@attrs.frozen
+class _Table(_Reader):
+    """A table read with a section; invalid keys fall back to defaults.
+
+    Building the object even when some keys are bad lets later cross-checks
+    (pool references, listen conflicts) still run, so all problems surface at
+    once; parse_config refuses the result anyway when anything was reported.
+    """
+
+    section: _Section
+
+    def read(
+        self,
+        ctx: _Ctx,
+        value: object,
+        path: str,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Any:
+        if not isinstance(value, dict):
+            ctx.report(path, f"expected a table, got {_describe(value)}")
+            return _INVALID
+        keys = self.section.keys
+        values: dict[str, Any] = dict(extra or {})
+        for key, item in value.items():
+            spec = keys.get(key)
+            if spec is None:
+                ctx.report(_join(path, key), f"unknown key{_suggest(key, tuple(keys))}")
+                continue
+            result = spec.reader.read(ctx, item, _join(path, key))
+            if result is not _INVALID:
+                values[spec.attr or key] = result
+        usable = True
+        for key, spec in keys.items():
+            if spec.required and (spec.attr or key) not in values:
+                usable = False
+                if key not in value:
+                    where = _join(path, key)
+                    ctx.report(where, spec.missing.format(path=where))
+        if usable and self.section.finish is not None:
+            usable = self.section.finish(ctx, path, value, values)
+        return self.section.cls(**values) if usable else _INVALID
+
+
+@attrs.frozen
+class _Named(_Reader):
+    """A table of named tables (``[frontend.NAME]``), built in file order."""
+
+    section: _Section
+    empty: str | None = None  # message when there are none, if one is needed
+
+    def read(self, ctx: _Ctx, value: object, path: str) -> Any:
+        if not isinstance(value, dict):
+            ctx.report(
+                path, f"expected a table of named tables, got {_describe(value)}"
+            )
+            return _INVALID
+        if not value and self.empty is not None:
+            ctx.report(path, self.empty.format(path=path))
+            return _INVALID
+        built = []
+        for name, item in value.items():
+            where = _join(path, name)
+            if not name:
+                ctx.report(where, "name must not be empty")
+                continue
+            result = _Table(self.section).read(ctx, item, where, extra={"name": name})
+            if result is not _INVALID:
+                built.append(result)
+        return tuple(built)
+
+
+@attrs.frozen
+class _Array(_Reader):
+    """An array of tables (``[[pool.X.server]]``), with unique ``name``s."""
+
+    section: _Section
+    empty: str | None = None  # message when the array is empty, if one is needed
+    default_name: str = "name"  # how the message explains a defaulted name
+
+    def read(self, ctx: _Ctx, value: object, path: str) -> Any:
+        if isinstance(value, dict):
+            ctx.report(
+                path,
+                f"expected an array of tables ([[{path}]]), got a table ([{path}])",
+            )
+            return _INVALID
+        if not isinstance(value, list):
+            ctx.report(
+                path,
+                f"expected an array of tables ([[{path}]]), got {_describe(value)}",
+            )
+            return _INVALID
+        if not value and self.empty is not None:
+            ctx.report(path, self.empty.format(path=path))
+            return _INVALID
+        built = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(value):
+            where = f"{path}[{index}]"
+            result = _Table(self.section).read(ctx, item, where)
+            if result is _INVALID:
+                continue
+            built.append(result)
+            name = getattr(result, "name", None)
+            if name is None:
+                continue
+            if name in seen:
+                explicit = isinstance(item, dict) and "name" in item
+                ctx.report(
+                    f"{where}.name" if explicit else where,
+                    f"duplicate name {_quote(name)} (also {path.rpartition('.')[2]}"
+                    f"[{seen[name]}])"
+                    + (
+                        ""
+                        if explicit
+                        else f"; {self.default_name}, so set a distinct name"
+                    ),
+                )
+            else:
+                seen[name] = index
+        return tuple(built)
+
+
+def _default(cls: type, field: str) -> Any:
+    """The attrs default of ``cls.field`` (defaults live on the classes only)."""
+    return getattr(attrs.fields(cls), field).default
+
+
+# --------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------
+
+
+def _finish_server(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """A server's name defaults to its address as text."""
+    values.setdefault("name", str(values["address"]))
+    return True
+
+
+def _finish_frontend(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """Turn ``listen`` into the raw text plus an endpoint carrying the backlog."""
+    listen: _Listen = values["listen"]
+    values["listen"] = raw["listen"]
+    if listen.kind == "systemd":  # the socket is inherited, already listening
+        values["endpoint"] = listen.endpoint
+        if "backlog" in raw:
+            ctx.report(
+                _join(path, "backlog"),
+                "has no effect with a systemd: listen endpoint"
+                " (systemd sets the backlog)",
+            )
+        return True
+    if listen.backlog is None:
+        backlog = values.get("backlog", _default(FrontendConfig, "backlog"))
+        values["endpoint"] = f"{listen.endpoint}:backlog={backlog}"
+        return True
+    values["endpoint"] = listen.endpoint
+    if "backlog" in values and values["backlog"] != listen.backlog:
+        ctx.report(
+            _join(path, "backlog"),
+            f"conflicts with backlog={listen.backlog} in listen; set it in one place",
+        )
+    values["backlog"] = listen.backlog
+    return True
+
+
+def _finish_pool(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """Nothing to derive yet; the hook is where pool-wide checks go."""
+    return True
+
+
+def _finish_root(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """Check references between tables: frontend pools and shared listen addresses."""
+    values["source"] = ctx.source
+    values.setdefault("global_", GlobalConfig())
+    values.setdefault("pools", ())
+    pools = raw.get("pool")
+    # Names of every [pool.X] table, valid or not, so a broken pool is not
+    # also reported as missing.
+    if pools is None:
+        pools = {}
+    pool_names = [name for name in pools if name] if isinstance(pools, dict) else None
+    bound: list[tuple[FrontendConfig, tuple[Any, ...]]] = []
+    for frontend in values["frontends"]:
+        where = _join("frontend", frontend.name)
+        if pool_names is not None and frontend.pool not in pool_names:
+            defined = ", ".join(_quote(name) for name in pool_names) or "none"
+            ctx.report(
+                _join(where, "pool"),
+                f"no pool named {_quote(frontend.pool)}"
+                f"{_suggest(frontend.pool, pool_names)}; defined pools: {defined}",
+            )
+        bind = _listen(frontend.listen).bind
+        for other, other_bind in bound:
+            if _conflicts(bind, other_bind):
+                ctx.report(
+                    _join(where, "listen"),
+                    f"{_quote(frontend.listen)} conflicts with"
+                    f" {_join('frontend', other.name)}"
+                    f" (listen = {_quote(other.listen)})",
+                )
+                break
+        bound.append((frontend, bind))
+    return True
+
+
+_GLOBAL = _Section(
+    GlobalConfig,
+    {
+        "max_connections": _Key(_Scalar(_integer(0))),
+        "shutdown_grace": _Key(_Scalar(_duration())),
+        "log_format": _Key(_Scalar(_choice(LOG_FORMATS))),
+        "log_level": _Key(_Scalar(_choice(LOG_LEVELS))),
+    },
+)
+
+_FRONTEND = _Section(
+    FrontendConfig,
+    {
+        "listen": _Key(_Scalar(_listen), required=True),
+        "pool": _Key(_Scalar(_string), required=True),
+        "max_connections": _Key(_Scalar(_integer(0))),
+        "idle_timeout": _Key(_Scalar(_duration())),
+        "half_closed_timeout": _Key(_Scalar(_duration())),
+        "backlog": _Key(_Scalar(_integer(1))),
+    },
+    finish=_finish_frontend,
+)
+
+_SERVER = _Section(
+    ServerConfig,
+    {
+        "address": _Key(_Scalar(_server_address), required=True),
+        "name": _Key(_Scalar(_string)),
+        "weight": _Key(_Scalar(_integer(0, 256))),
+        "max_connections": _Key(_Scalar(_integer(0))),
+        "backup": _Key(_Scalar(_boolean)),
+    },
+    finish=_finish_server,
+)
+
+_NO_SERVERS = "a pool needs at least one server (add a [[{path}]] table)"
+
+_POOL = _Section(
+    PoolConfig,
+    {
+        "server": _Key(
+            _Array(
+                _SERVER,
+                empty=_NO_SERVERS,
+                default_name="a server's name defaults to its address",
+            ),
+            required=True,
+            attr="servers",
+            missing=_NO_SERVERS,
+        ),
+        "balance": _Key(_Scalar(_choice(POLICY_NAMES))),
+        "connect_timeout": _Key(_Scalar(_duration(positive=True))),
+        "retries": _Key(_Scalar(_integer(0))),
+        "queue_timeout": _Key(_Scalar(_duration())),
+        "max_queue": _Key(_Scalar(_integer(0))),
+    },
+    finish=_finish_pool,
+)
+
+_NO_FRONTENDS = "at least one frontend is required (add a [frontend.NAME] table)"
+
+_ROOT = _Section(
+    Config,
+    {
+        "global": _Key(_Table(_GLOBAL), attr="global_"),
+        "frontend": _Key(
+            _Named(_FRONTEND, empty=_NO_FRONTENDS),
+            required=True,
+            attr="frontends",
+            missing=_NO_FRONTENDS,
+        ),
+        "pool": _Key(_Named(_POOL), attr="pools"),
+    },
+    finish=_finish_root,
+)
+
+
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
+
+_TOML_POSITION = re.compile(r" \(at (?:line (\d+), column \d+|end of document)\)$")
+
+
+def _syntax_problem(source: str, text: str, error: tomllib.TOMLDecodeError) -> Problem:
+    """A TOML syntax error as a Problem keyed by its line number."""
+    message = str(error)
+    match = _TOML_POSITION.search(message)
+    if match is None:
+        return Problem(source, "-", message)
+    if match[1] is not None:
+        line = int(match[1])
+    else:  # "end of document": the last line
+        line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+    return Problem(source, f"line {line}", message[: match.start()])
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse and validate TOML ``text``; ``source`` names it in problems.
+
+    Raises ConfigError listing every problem found, so one run shows them all.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError((_syntax_problem(source, text, error),)) from None
+    except RecursionError:
+        raise ConfigError(
+            (Problem(source, "-", "values are nested too deeply"),)
+        ) from None
+    except ValueError as error:  # e.g. Python's limit on integer digits
+        raise ConfigError((Problem(source, "-", f"invalid TOML: {error}"),)) from None
+    ctx = _Ctx(source)
+    config = _Table(_ROOT).read(ctx, document, "")
+    if ctx.problems or config is _INVALID:
+        raise ConfigError(tuple(ctx.problems))
+    return config
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the file at ``path`` (problems name it as given)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            (Problem(path, "-", f"cannot read file: {reason}"),)
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        problem = Problem(path, f"line {line}", f"invalid UTF-8: {error.reason}")
+        raise ConfigError((problem,)) from None
+    return parse_config(text, path)

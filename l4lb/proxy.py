@@ -1,0 +1,452 @@
+"""The data path: accept → pick a server → connect (with retries) → splice → close.
+
+Read this module top to bottom to follow one client connection:
+
+1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
+   so nothing is buffered, until a backend is connected) and starts a `Session`.
+2. `Session.connect` asks the pool for a server (possibly after queueing) and
+   opens a connection through the pool's endpoint seam, retrying a failed
+   connect on servers not yet tried. The client sees nothing of a retry: no
+   client byte has been read yet.
+3. `Session.splice` makes each transport the other's streaming producer, so a
+   slow reader on either side stops reading on the other (bounded memory), and
+   resumes the client.
+4. Half-close: a FIN from one side becomes a FIN to the other
+   (`loseWriteConnection`); data keeps flowing the other way. When both
+   directions are done, both sides are closed.
+5. `Session.finish` runs once both transports are gone: it releases the server
+   slot and logs the one "connection closed" line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l4lb.pool import NoServerAvailable, Pool, ServerState
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IAddress,
+        IDelayedCall,
+        IReactorTime,
+        IStreamClientEndpoint,
+        ITransport,
+    )
+
+    from l4lb.frontend import Frontend
+
+log = structlog.get_logger("l4lb.proxy")
+
+EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
+
+# Failures of a connect attempt that are worth another server.
+_CONNECT_FAILURES = (error.ConnectError, error.ConnectionLost, defer.TimeoutError, OSError)
+
+
+def _tune(transport: ITransport) -> None:
+    """No Nagle delay for request/response protocols; keepalive to find dead peers."""
+    if ITCPTransport.providedBy(transport):
+        try:
+            transport.setTcpNoDelay(True)
+            transport.setTcpKeepAlive(True)
+        except OSError:
+            pass  # the peer may already have gone; the read/write path will notice
+
+
+@implementer(IHalfCloseableProtocol)
+class ClientProtocol(Protocol):
+    """The accepted client side of a session."""
+
+    session: Session
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # read nothing until a backend is connected
+        _tune(self.transport)
+        self.session = Session(self.frontend, self)
+        self.session.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        session.bytes_from_client += len(data)
+        session.last_activity = session.clock.seconds()
+        session.server.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.session.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        """We sent our FIN to the client; nothing to do until it sends its own."""
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.session.client_lost(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class ServerProtocol(Protocol):
+    """The backend side of a session, connected through the pool's endpoint seam."""
+
+    session: Session | None = None
+
+    def connectionMade(self) -> None:
+        _tune(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        session.bytes_from_server += len(data)  # type: ignore[union-attr]
+        session.last_activity = session.clock.seconds()  # type: ignore[union-attr]
+        session.client.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        if self.session is not None:
+            self.session.server_eof()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """We sent our FIN to the server; nothing to do until it sends its own."""
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.session is not None:
+            self.session.server_lost(reason)
+
+
+
+class _ServerFactory(Factory):
+    """Builds the one `ServerProtocol` of a connect attempt."""
+
+    noisy = False  # no "Starting factory" line per connection
+
+    def __init__(self, protocol: ServerProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress) -> ServerProtocol:
+        return self._protocol
+
+
+class Session:
+    """One client connection, its backend connection, and its one log line."""
+
+    def __init__(self, frontend: Frontend, client: ClientProtocol) -> None:
+        self.frontend = frontend
+        self.pool: Pool = frontend.pool
+        self.clock: IReactorTime = frontend.clock
+        self.client = client
+        self.server: ServerProtocol | None = None
+        self.server_state: ServerState | None = None
+        peer = client.transport.getPeer()
+        self.client_address = peer
+        self.client_host: str = getattr(peer, "host", "") or ""
+        self.started = self.clock.seconds()
+        self.last_activity = self.started
+        self.connect_time: float | None = None
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+        self.retries = 0
+        self.reason: str | None = None
+        self.detail: str | None = None
+        self._client_eof = False
+        self._server_eof = False
+        self._client_gone = False
+        self._server_gone = True  # until a backend is connected
+        self._connecting: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._finished = False
+        # Which transport is registered as the other's producer (flow control).
+        self._client_paces_server = False
+        self._server_paces_client = False
+
+    # -- 1. start ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.frontend.session_started(self)
+        self._connecting = Deferred.fromCoroutine(self.connect())
+        self._connecting.addErrback(self._connect_failed)
+
+    # -- 2. pick a server and connect, with retries ------------------------
+
+    async def connect(self) -> None:
+        """Connect to a server, trying others on failure, then splice."""
+        pool = self.pool
+        tried: list[ServerState] = []
+        while True:
+            server_state = await pool.acquire(self.client_host, tried)
+            attempt_started = self.clock.seconds()
+            protocol = ServerProtocol()
+            endpoint = self.frontend.endpoint_for(server_state)
+            attempt = endpoint.connect(_ServerFactory(protocol))
+            attempt.addTimeout(pool.config.connect_timeout, self.clock)
+            try:
+                await attempt
+            except defer.CancelledError:
+                pool.release(server_state)
+                raise
+            except _CONNECT_FAILURES as e:
+                pool.release(server_state)
+                server_state.failed_connects += 1
+                tried.append(server_state)
+                why = _describe_connect_failure(e, pool.config.connect_timeout)
+                log.warning(
+                    "server connect failed",
+                    frontend=self.frontend.name,
+                    pool=pool.name,
+                    server=server_state.name,
+                    client=format_address(self.client_address),
+                    error=why,
+                    attempt=self.retries + 1,
+                )
+                if self.retries >= pool.config.retries:
+                    raise NoServerAvailable("connect failed", f"{server_state.name}: {why}") from e
+                self.retries += 1
+                continue
+            self.connect_time = self.clock.seconds() - attempt_started
+            self.splice(server_state, protocol)
+            return
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(defer.CancelledError):
+            return  # the client left (or we are closing); client_lost finishes up
+        if failure.check(NoServerAvailable):
+            exc = failure.value
+            self._set_reason(exc.reason, exc.detail)
+        else:
+            self._set_reason("internal error", failure.getErrorMessage())
+            log.error("unexpected error while connecting", failure=failure.getTraceback())
+        self.client.transport.loseConnection()
+
+    # -- 3. splice ---------------------------------------------------------
+
+    def splice(self, server_state: ServerState, server: ServerProtocol) -> None:
+        """Wire the two transports together with flow control both ways."""
+        self._connecting = None
+        self.server_state = server_state
+        self.server = server
+        server.session = self
+        self._server_gone = False
+        client_transport = self.client.transport
+        server_transport = server.transport
+        if self._client_gone:
+            self._close_server()
+            return
+        # Each transport pauses the other when its write buffer is full.
+        server_transport.registerProducer(client_transport, True)
+        self._client_paces_server = True
+        client_transport.registerProducer(server_transport, True)
+        self._server_paces_client = True
+        client_transport.resumeProducing()
+        self.last_activity = self.clock.seconds()
+        self._arm_timer()
+
+    # -- 4. half-close and close -------------------------------------------
+
+    def client_eof(self) -> None:
+        """The client finished sending: pass its FIN on to the server."""
+        self._client_eof = True
+        self._set_reason("client closed")
+        self.last_activity = self.clock.seconds()
+        if self.server is None:
+            return  # cannot happen while paused; kept for safety
+        self._unpace_server()
+        if self._server_eof:
+            self._close_both()
+        else:
+            self.server.transport.loseWriteConnection()
+            self._arm_timer()
+
+    def server_eof(self) -> None:
+        """The server finished sending: pass its FIN on to the client."""
+        self._server_eof = True
+        self._set_reason("server closed")
+        self.last_activity = self.clock.seconds()
+        self._unpace_client()
+        if self._client_eof:
+            self._close_both()
+        else:
+            self.client.transport.loseWriteConnection()
+            self._arm_timer()
+
+    def client_lost(self, reason: Failure | None) -> None:
+        self._client_gone = True
+        self._set_reason("client closed")
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        if not self._server_gone:
+            self._close_server()
+        self._maybe_finish()
+
+    def server_lost(self, reason: Failure | None) -> None:
+        self._server_gone = True
+        self._set_reason("server closed")
+        if self.server_state is not None:
+            self.pool.release(self.server_state)
+        self._unpace_client()
+        if not self._client_gone:
+            self.client.transport.loseConnection()
+            self._linger()
+        self._maybe_finish()
+
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close the session from our side (timeouts, shutdown): ``reason`` is why."""
+        self.reason, self.detail = reason, None
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        self._unpace_server()
+        self._unpace_client()
+        for transport in self._live_transports():
+            if abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+        if not abort:
+            self._linger()
+
+    def _close_server(self) -> None:
+        self._unpace_server()
+        self.server.transport.loseConnection()  # type: ignore[union-attr]
+        self._linger()
+
+    def _close_both(self) -> None:
+        self._unpace_server()
+        self._unpace_client()
+        for transport in self._live_transports():
+            transport.loseConnection()
+        self._linger()
+
+    # A transport must not keep a producer registered when it half-closes or
+    # closes: on an empty buffer it would resume a paused producer instead of
+    # finishing the close.
+
+    def _unpace_server(self) -> None:
+        if self._client_paces_server:
+            self._client_paces_server = False
+            self.server.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def _unpace_client(self) -> None:
+        if self._server_paces_client:
+            self._server_paces_client = False
+            self.client.transport.unregisterProducer()
+
+    def _live_transports(self) -> list[ITransport]:
+        transports = []
+        if not self._client_gone:
+            transports.append(self.client.transport)
+        if not self._server_gone and self.server is not None:
+            transports.append(self.server.transport)
+        return transports
+
+    def _linger(self) -> None:
+        """Closing flushes what is buffered; a peer that never reads gets aborted."""
+        limit = self.frontend.config.half_closed_timeout or self.frontend.config.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if limit > 0:
+            self._timer = self.clock.callLater(limit, self._abort_lingering)
+
+    def _abort_lingering(self) -> None:
+        self._timer = None
+        for transport in self._live_transports():
+            transport.abortConnection()
+
+    # -- timeouts ----------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        """(Re)start the quiet timer; after a half-close its limit may be shorter."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        limit = self._quiet_limit()
+        if limit > 0:
+            self._timer = self.clock.callLater(limit, self._check_quiet)
+
+    def _quiet_limit(self) -> float:
+        config = self.frontend.config
+        if (self._client_eof or self._server_eof) and config.half_closed_timeout > 0:
+            if config.idle_timeout > 0:
+                return min(config.half_closed_timeout, config.idle_timeout)
+            return config.half_closed_timeout
+        return config.idle_timeout
+
+    def _check_quiet(self) -> None:
+        """One timer per session, pushed forward lazily instead of per byte."""
+        self._timer = None
+        limit = self._quiet_limit()
+        if limit <= 0:
+            return
+        deadline = self.last_activity + limit
+        now = self.clock.seconds()
+        if now >= deadline:
+            half = self._client_eof or self._server_eof
+            self.close("half-closed timeout" if half else "idle timeout")
+        else:
+            self._timer = self.clock.callLater(deadline - now, self._check_quiet)
+
+    # -- 5. finish ---------------------------------------------------------
+
+    def _set_reason(self, reason: str, detail: str | None = None) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.detail = detail
+
+    def _maybe_finish(self) -> None:
+        if self._finished or not (self._client_gone and self._server_gone):
+            return
+        if self._connecting is not None:
+            return
+        self._finished = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.frontend.session_finished(self)
+        fields = {
+            "frontend": self.frontend.name,
+            "pool": self.pool.name,
+            "server": self.server_state.name if self.server_state else None,
+            "client": format_address(self.client_address),
+            "connect_time": (
+                round(self.connect_time, 6) if self.connect_time is not None else None
+            ),
+            "duration": round(self.clock.seconds() - self.started, 6),
+            "bytes_from_client": self.bytes_from_client,
+            "bytes_from_server": self.bytes_from_server,
+            "retries": self.retries,
+            "reason": self.reason,
+        }
+        if self.detail:
+            fields["detail"] = self.detail
+        log.info("connection closed", **fields)
+
+
+def _describe_connect_failure(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, defer.TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, error.ConnectError) and exc.osError is not None:
+        return str(exc.osError)
+    return str(exc) or type(exc).__name__
+
+
+def format_address(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)

@@ -1,0 +1,146 @@
+"""The l4lb service tree: pools and frontends built from a parsed config.
+
+The parent orders a graceful stop itself, because `MultiService` stops its
+children all at once: stop listening, let live sessions finish for up to
+``shutdown_grace``, close what is left, then stop the children.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from ipaddress import ip_address
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
+from twisted.python.components import Componentized
+
+from l4lb.frontend import ConnectionCap, Frontend, FrontendService
+from l4lb.pool import Pool, ServerState
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamClientEndpoint
+
+    from l4lb.config import Config, ServerAddress
+
+log = structlog.get_logger("l4lb.service")
+
+EndpointFactory = Callable[[ServerState], "IStreamClientEndpoint"]
+
+
+def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoint:
+    """The endpoint that reaches a server: the one seam all backend traffic uses.
+
+    IP literals skip name resolution; DNS names resolve through the reactor's
+    non-blocking resolver on every connect (so DNS changes are followed).
+    Timeouts are applied by the caller on the connect Deferred.
+    """
+    if address.unix_path is not None:
+        return UNIXClientEndpoint(reactor, address.unix_path, timeout=3600)
+    assert address.host is not None and address.port is not None
+    try:
+        ip = ip_address(address.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, address.host, address.port, timeout=3600)
+    if ip.version == 6:
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=3600)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=3600)
+
+
+class L4LBService(MultiService):
+    """Everything one config describes, addressable by frontend, pool and server name."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        endpoint_for: EndpointFactory | None = None,
+        log_observer: Any = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self._log_observer = log_observer
+        self.pools: dict[str, Pool] = {p.name: Pool(p, reactor) for p in config.pools}
+        if endpoint_for is None:
+            endpoints: dict[int, IStreamClientEndpoint] = {}
+
+            def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
+                key = id(server)
+                if key not in endpoints:
+                    endpoints[key] = client_endpoint(reactor, server.config.address)
+                return endpoints[key]
+
+        self.endpoint_for = endpoint_for
+        self.cap = ConnectionCap(config.global_.max_connections)
+        self.frontends: dict[str, Frontend] = {}
+        for fe in config.frontends:
+            frontend = Frontend(fe, self.pools[fe.pool], reactor, endpoint_for, self.cap)
+            self.frontends[fe.name] = frontend
+            FrontendService(frontend, reactor).setServiceParent(self)
+        self._grace_timer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands us its Application: an ILogObserver component on it
+        # makes twistd send Twisted's own log events through our structlog
+        # output instead of its own text format (twisted.application.app.AppLogger).
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "started",
+            frontends=len(self.frontends),
+            pools={name: len(pool.servers) for name, pool in self.pools.items()},
+            max_connections=self.cap.limit,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop listening, drain for up to ``shutdown_grace``, close the rest."""
+        grace = self.config.global_.shutdown_grace
+        services = [s for s in self if isinstance(s, FrontendService)]
+        await DeferredList([_as_deferred(s.stop_listening()) for s in services])
+        sessions = self.live_sessions()
+        log.info("stopping", live_connections=len(sessions), shutdown_grace=grace)
+        drained = await self._drain(grace)
+        leftover = self.live_sessions()
+        for session in leftover:
+            session.close("shutdown", abort=True)
+        if leftover:
+            await self._drain(None)
+        log.info(
+            "stopped",
+            finished_in_grace=len(sessions) - len(leftover),
+            closed_at_shutdown=len(leftover),
+            drained=drained,
+        )
+        await super().stopService()
+
+    def live_sessions(self) -> list[Any]:
+        return [s for fe in self.frontends.values() for s in fe.sessions]
+
+    def _drain(self, grace: float | None) -> Deferred[bool]:
+        """Fires True once no session is left, or False when ``grace`` passes."""
+        idle = self.cap.when_idle()
+        if grace is not None:
+            idle.addTimeout(grace, self.reactor)
+        idle.addCallbacks(lambda _: True, lambda f: f.trap(TimeoutError) and False)
+        return idle
+
+
+def _as_deferred(result: object) -> Deferred[Any]:
+    return result if isinstance(result, Deferred) else succeed(result)
