@@ -361,7 +361,7 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[object], str]:
 # Addresses
 # --------------------------------------------------------------------------
 
-_PORT = re.compile(r"[0-9]+")
+_DIGITS = re.compile(r"[0-9]+")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?")
 _ADDRESS_FORMS = 'expected "host:port", "[ipv6]:port" or "unix:/path"'
@@ -403,9 +403,9 @@ def _port(text: str, low: int) -> int:
     """A decimal port number in ``low``..65535."""
     if not text:
         raise ValueError("missing port")
-    if not _PORT.fullmatch(text):
+    if not _DIGITS.fullmatch(text):
         raise ValueError(f"port {_quote(text)} is not a number")
-    if len(text) > 5 or not low <= int(text) <= 65535:
+    if len(text.lstrip("0")) > 5 or not low <= int(text) <= 65535:
         raise ValueError(f"port {_quote(text, limit=20)[1:-1]} is out of range")
     return int(text)
 
@@ -479,8 +479,15 @@ def _endpoint_args(text: str) -> tuple[list[str], dict[str, str]]:
             fields[-1][-1] += escaped
         else:
             fields[-1][-1] += char
-    args = [field[0] for field in fields if len(field) == 1]
-    kwargs = {field[0]: field[1] for field in fields if len(field) == 2}
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for field in fields:
+        if len(field) == 1:
+            args.append(field[0])
+        elif field[0] in kwargs:
+            raise ValueError(f"parameter {_quote(field[0])} is given twice")
+        else:
+            kwargs[field[0]] = field[1]
     return args, kwargs
 
 
@@ -543,8 +550,8 @@ def _listen_endpoint(text: str, kind: str) -> _Listen:
     if "backlog" in params:
         backlog_text = params["backlog"]
         if (
-            not _PORT.fullmatch(backlog_text)
-            or len(backlog_text) > 10
+            not _DIGITS.fullmatch(backlog_text)
+            or len(backlog_text.lstrip("0")) > 10
             or not 1 <= int(backlog_text) <= _MAX_COUNT
         ):
             raise ValueError(f"backlog {_quote(backlog_text)} must be an integer >= 1")
@@ -577,7 +584,7 @@ def _listen_endpoint(text: str, kind: str) -> _Listen:
         )
     if ("index" in params) == ("name" in params):
         raise ValueError("systemd: endpoints need exactly one of index= or name=")
-    if "index" in params and not _PORT.fullmatch(params["index"]):
+    if "index" in params and not _DIGITS.fullmatch(params["index"]):
         raise ValueError(f"systemd index {_quote(params['index'])} is not a number")
     return _Listen(
         kind, text, None, ("systemd", params.get("index"), params.get("name"))
@@ -739,11 +746,12 @@ class _Named(_Reader):
 
 @attrs.frozen
 class _Array(_Reader):
-    """An array of tables (``[[pool.X.server]]``), with unique ``name``s."""
+    """An array of tables (``[[pool.X.server]]``) whose ``name``s are unique."""
 
     section: _Section
     empty: str | None = None  # message when the array is empty, if one is needed
-    default_name: str = "name"  # how the message explains a defaulted name
+    # Added to a duplicate-name message when the name was not written out.
+    implicit_name: str = ""
 
     def read(self, ctx: _Ctx, value: object, path: str) -> Any:
         if isinstance(value, dict):
@@ -772,20 +780,15 @@ class _Array(_Reader):
             name = getattr(result, "name", None)
             if name is None:
                 continue
-            if name in seen:
-                explicit = isinstance(item, dict) and "name" in item
-                ctx.report(
-                    f"{where}.name" if explicit else where,
-                    f"duplicate name {_quote(name)} (also {path.rpartition('.')[2]}"
-                    f"[{seen[name]}])"
-                    + (
-                        ""
-                        if explicit
-                        else f"; {self.default_name}, so set a distinct name"
-                    ),
-                )
-            else:
+            if name not in seen:
                 seen[name] = index
+                continue
+            first = f"{path.rpartition('.')[2]}[{seen[name]}]"
+            message = f"duplicate name {_quote(name)} (also {first})"
+            if "name" in item:
+                ctx.report(f"{where}.name", message)
+            else:
+                ctx.report(where, message + self.implicit_name)
         return tuple(built)
 
 
@@ -833,13 +836,6 @@ def _finish_frontend(
             f"conflicts with backlog={listen.backlog} in listen; set it in one place",
         )
     values["backlog"] = listen.backlog
-    return True
-
-
-def _finish_pool(
-    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
-) -> bool:
-    """Nothing to derive yet; the hook is where pool-wide checks go."""
     return True
 
 
@@ -924,7 +920,8 @@ _POOL = _Section(
             _Array(
                 _SERVER,
                 empty=_NO_SERVERS,
-                default_name="a server's name defaults to its address",
+                implicit_name="; a server's name defaults to its address,"
+                " so give one of them a distinct name",
             ),
             required=True,
             attr="servers",
@@ -936,7 +933,6 @@ _POOL = _Section(
         "queue_timeout": _Key(_Scalar(_duration())),
         "max_queue": _Key(_Scalar(_integer(0))),
     },
-    finish=_finish_pool,
 )
 
 _NO_FRONTENDS = "at least one frontend is required (add a [frontend.NAME] table)"

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("l4lb.frontend")
 
+_UNLIMITED = 2**62  # "room" when a cap is 0, i.e. off
+
 
 class ConnectionCap:
     """The process-wide client connection cap, shared by every frontend."""
@@ -43,7 +45,7 @@ class ConnectionCap:
 
     @property
     def room(self) -> int:
-        return self.limit - self.live
+        return self.limit - self.live if self.limit > 0 else _UNLIMITED
 
     def changed(self) -> None:
         for frontend in self.frontends:
@@ -114,8 +116,10 @@ class Frontend(ServerFactory):
     # Accepting, paused at a cap.
 
     def room(self) -> int:
-        """How many more clients may be accepted now."""
-        return min(self.config.max_connections - len(self.sessions), self.cap.room)
+        """How many more clients may be accepted now (a cap of 0 means none)."""
+        limit = self.config.max_connections
+        own = limit - len(self.sessions) if limit > 0 else _UNLIMITED
+        return min(own, self.cap.room)
 
     def listening(self, port: IListeningPort) -> None:
         self.port = port
