@@ -162,6 +162,12 @@ class TestLeastConnections:
         busy, idle = FakeServer("a", 2, live=1), FakeServer("b", 1)
         assert LeastConnections().pick([busy, idle], "c", ()) is idle
 
+    def test_idle_first_before_ratio(self):
+        """An idle server goes before a busy one even when the busy one's ratio is lower."""
+        busy, idle = FakeServer("a", 3, live=1), FakeServer("b", 1)
+        # (1+1)/3 < (0+1)/1, but b is idle
+        assert LeastConnections().pick([busy, idle], "c", ()) is idle
+
     def test_full_never_picked(self):
         """A server at its cap is skipped however light its load looks."""
         cap = FakeServer("a", weight=10, max_connections=1, live=1)
@@ -186,13 +192,17 @@ class TestLeastConnections:
 
     @given(spec=st.lists(loads, min_size=1, max_size=8))
     def test_picks_minimum_ratio(self, spec):
-        """The pick minimises (live+1)/weight over the eligible servers."""
+        """The pick is idle if any eligible server is, and minimises (live+1)/weight among those."""
         servers = loaded_pool(spec)
         got = LeastConnections().pick(servers, "c", ())
         ok = eligible(servers, [])
         if not ok:
             assert got is None
             return
+        idle = [s for s in ok if s.live == 0]
+        if idle:
+            assert got.live == 0
+            ok = idle
         for s in ok:
             assert (got.live + 1) * s.weight <= (s.live + 1) * got.weight
 

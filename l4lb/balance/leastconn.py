@@ -9,14 +9,15 @@ from . import Candidate, S, has_room
 
 
 class LeastConnections:
-    """Pick the eligible server with the lowest ``(live + 1) / weight``.
+    """Pick the eligible server with the lowest ``(live + 1) / weight``, idle ones first.
 
-    ``(live + 1) / weight`` is the load the server would carry after taking
-    this connection; it is compared by cross-multiplication (exact ints).
-    Among servers tied on it, an idle one (``live == 0``) goes first, then the
-    one this policy picked least recently, so equal servers take new
-    connections in turn instead of the first in the list winning every tie
-    (with short connections that server would otherwise get them all).
+    An idle server (``live == 0``) is preferred to any busy one, so every
+    server gets traffic before a heavy one is stacked further. Otherwise
+    ``(live + 1) / weight``, the load the server would carry after taking this
+    connection, decides; it is compared by cross-multiplication (exact ints).
+    Among ties the one this policy picked least recently wins, so equal
+    servers take new connections in turn instead of the first in the list
+    winning every tie (with short connections it would otherwise get them all).
     """
 
     def __init__(self) -> None:
@@ -42,12 +43,12 @@ class LeastConnections:
 
 def _better(a: Candidate, a_seq: int, b: Candidate, b_seq: int) -> bool:
     """True when ``a`` should be preferred over the current best ``b``."""
+    a_idle, b_idle = a.live == 0, b.live == 0
+    if a_idle != b_idle:
+        return a_idle
     # (a.live + 1) / a.weight  vs  (b.live + 1) / b.weight, without floats.
     lhs = (a.live + 1) * b.weight
     rhs = (b.live + 1) * a.weight
     if lhs != rhs:
         return lhs < rhs
-    a_idle, b_idle = a.live == 0, b.live == 0
-    if a_idle != b_idle:
-        return a_idle
     return a_seq < b_seq
