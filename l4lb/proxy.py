@@ -171,8 +171,10 @@ class Session:
 
     def start(self) -> None:
         self.frontend.session_started(self)
-        self._connecting = Deferred.fromCoroutine(self.connect())
-        self._connecting.addErrback(self._connect_failed)
+        connecting = Deferred.fromCoroutine(self.connect())
+        if not connecting.called:  # it may already be over (no server at all)
+            self._connecting = connecting
+        connecting.addErrback(self._connect_failed)
 
     # -- 2. pick a server and connect, with retries ------------------------
 

@@ -325,6 +325,17 @@ class TestLimits:
         c1.lose()
         assert port.reading
 
+    def test_zero_caps_mean_no_cap(self) -> None:
+        """A cap of 0 (frontend and process) never pauses accepting."""
+        h = Harness(frontend={"max_connections": 0}, process_limit=0)
+        port = self.FakePort()
+        h.frontend.listening(port)
+        for _ in range(5):
+            h.connected_pair()
+        assert port.reading
+        port.doRead()
+        assert port.numberAccepts == 100
+
     def test_accept_batch_clamped_to_room(self) -> None:
         """One accept round never takes more clients than there is room for."""
         h = Harness(frontend={"max_connections": 3})
@@ -333,3 +344,30 @@ class TestLimits:
         h.connected_pair()
         port.doRead()
         assert port.numberAccepts == 2
+
+
+class TestSynchronousEndpoint:
+    def test_endpoint_that_connects_at_once(self) -> None:
+        """An endpoint whose connect has already fired still yields a normal session."""
+        from twisted.internet.defer import succeed
+
+        from tests.fakes import FakeTransport
+
+        h = Harness(servers=1)
+
+        class Immediate:
+            def connect(self, factory):
+                protocol = factory.buildProtocol(None)
+                protocol.makeConnection(FakeTransport(protocol))
+                return succeed(protocol)
+
+        h.endpoints["s0"] = Immediate()
+        with capture_logs() as logs:
+            client, client_transport = h.accept()
+            server_transport = client.session.server.transport
+            client_transport.peer_sends_eof()
+            server_transport.peer_sends_eof()
+            client_transport.lose()
+            server_transport.lose()
+        assert [e["reason"] for e in closed_lines(logs)] == ["client closed"]
+        assert h.cap.live == 0
