@@ -20,13 +20,19 @@ Read this module top to bottom to follow one client connection:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorFDSet,
+    IReadDescriptor,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -161,6 +167,7 @@ class Session:
         self._client_gone = False
         self._server_gone = True  # until a backend is connected
         self._connecting: Deferred[None] | None = None
+        self._watch: DepartureWatch | None = None
         self._timer: IDelayedCall | None = None
         self._finished = False
         # Which transport is registered as the other's producer (flow control).
@@ -174,7 +181,19 @@ class Session:
         connecting = Deferred.fromCoroutine(self.connect())
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
+            self._watch = DepartureWatch.start(self.client.transport, self.client_left)
         connecting.addErrback(self._connect_failed)
+
+    def client_left(self) -> None:
+        """The waiting client closed without sending a byte, or reset: stop waiting."""
+        self._watch = None
+        self._set_reason("client closed")
+        self.client.transport.abortConnection()  # → client_lost cancels the connect
+
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            watch.stop()
 
     # -- 2. pick a server and connect, with retries ------------------------
 
@@ -188,12 +207,16 @@ class Session:
             protocol = ServerProtocol()
             endpoint = self.frontend.endpoint_for(server_state)
             attempt = endpoint.connect(_ServerFactory(protocol))
-            attempt.addTimeout(pool.config.connect_timeout, self.clock)
+            attempt.addTimeout(
+                pool.config.connect_timeout, self.clock, onTimeoutCancel=_timed_out
+            )
             try:
                 await attempt
-            except defer.CancelledError:
+            except (defer.CancelledError, error.ConnectingCancelledError):
+                # The client left or we are closing (real endpoints fail a
+                # cancelled connect with ConnectingCancelledError).
                 pool.release(server_state)
-                raise
+                raise defer.CancelledError() from None
             except _CONNECT_FAILURES as e:
                 pool.release(server_state)
                 server_state.failed_connects += 1
@@ -218,6 +241,7 @@ class Session:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
+        self._stop_watching()
         if failure.check(defer.CancelledError):
             return  # the client left (or we are closing); client_lost finishes up
         if failure.check(NoServerAvailable):
@@ -233,6 +257,7 @@ class Session:
     def splice(self, server_state: ServerState, server: ServerProtocol) -> None:
         """Wire the two transports together with flow control both ways."""
         self._connecting = None
+        self._stop_watching()
         self.server_state = server_state
         self.server = server
         server.session = self
@@ -280,6 +305,7 @@ class Session:
             self._arm_timer()
 
     def client_lost(self, reason: Failure | None) -> None:
+        self._stop_watching()
         self._client_gone = True
         self._set_reason("client closed")
         if self._connecting is not None:
@@ -303,6 +329,7 @@ class Session:
     def close(self, reason: str, abort: bool = False) -> None:
         """Close the session from our side (timeouts, shutdown): ``reason`` is why."""
         self.reason, self.detail = reason, None
+        self._stop_watching()
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()
@@ -413,7 +440,6 @@ class Session:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.frontend.session_finished(self)
         fields = {
             "frontend": self.frontend.name,
             "pool": self.pool.name,
@@ -431,6 +457,70 @@ class Session:
         if self.detail:
             fields["detail"] = self.detail
         log.info("connection closed", **fields)
+        # Last: this may complete a graceful stop, whose summary must come after.
+        self.frontend.session_finished(self)
+
+
+@implementer(IReadDescriptor)
+class DepartureWatch:
+    """Notices a waiting client leaving, without reading (and buffering) its bytes.
+
+    While a client waits for a server (queued or connecting) its transport is
+    paused, so the reactor does not watch its socket and a departure would go
+    unseen until the backend is connected. This registers the same socket for
+    readability and peeks: an end of stream before any byte, or a reset, means
+    the client left, and its wait is cancelled. Once a byte is waiting, the
+    watch ends and the byte stays in the kernel: after data a FIN may be a
+    half-close (send a request, shut the write half, await the reply), which
+    must be served, so it is left for the splice to pass on.
+    """
+
+    def __init__(self, reactor: IReactorFDSet, sock: socket.socket, on_left: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._socket = sock
+        self._fileno = sock.fileno()
+        self._on_left = on_left
+        self._active = True
+        reactor.addReader(self)
+
+    @classmethod
+    def start(cls, transport: ITransport, on_left: Callable[[], None]) -> DepartureWatch | None:
+        """Watch a plain TCP/UNIX socket transport; others (test fakes, TLS) are not watched."""
+        sock = getattr(transport, "socket", None)
+        reactor = getattr(transport, "reactor", None)
+        if not isinstance(sock, socket.socket) or not IReactorFDSet.providedBy(reactor):
+            return None
+        return cls(reactor, sock, on_left)
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def logPrefix(self) -> str:
+        return "l4lb-departure-watch"
+
+    def doRead(self) -> None:
+        try:
+            peeked = self._socket.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            peeked = b""  # reset by the peer
+        self.stop()
+        if not peeked:
+            self._on_left()
+
+    def stop(self) -> None:
+        if self._active:
+            self._active = False
+            self._reactor.removeReader(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._active = False
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    """``addTimeout`` fired: whatever the cancelled endpoint failed with, it is a timeout."""
+    return Failure(defer.TimeoutError(f"connect timed out after {timeout:g}s"))
 
 
 def _describe_connect_failure(exc: BaseException, timeout: float) -> str:

@@ -7,6 +7,7 @@ children all at once: stop listening, let live sessions finish for up to
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.python.components import Componentized
 
-from l4lb.frontend import ConnectionCap, Frontend, FrontendService
+from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
 
 if TYPE_CHECKING:
@@ -96,6 +97,17 @@ class L4LBService(MultiService):
 
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """Listen on every frontend; one that cannot listen stops start-up (exit 1)."""
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            log.critical("cannot start", error=str(e))
+            # twistd has pointed sys.stderr at the log by now; the operator
+            # running the command should see the reason on the terminal too.
+            print(f"l4lb: {e}", file=sys.__stderr__)
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()

@@ -70,7 +70,9 @@ class FakeEndpoint:
 
     def connect(self, factory: Any) -> Deferred[Any]:
         def cancel(d: Deferred[Any]) -> None:
+            # As Twisted's client endpoints do when a connect is cancelled.
             self.cancelled += 1
+            d.errback(Failure(error.ConnectingCancelledError(None)))
 
         d: Deferred[Any] = Deferred(cancel)
         self.attempts.append((factory, d))
