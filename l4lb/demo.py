@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.protocols.basic import LineReceiver
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ServerFactory
+from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 BACKENDS = ("backend-1", "backend-2", "backend-3")

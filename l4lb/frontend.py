@@ -192,7 +192,9 @@ class FrontendService(Service):
         endpoint = serverFromString(self.reactor, config.endpoint)
         listening = endpoint.listen(self.frontend)
         failures: list[BaseException] = []
-        listening.addCallbacks(self.frontend.listening, lambda f: failures.append(f.value))
+        listening.addCallbacks(
+            self.frontend.listening, lambda f: failures.append(f.value)
+        )
         if failures:
             raise ListenError(
                 f"frontend.{config.name}: cannot listen on {config.listen}: {failures[0]}"
@@ -223,4 +225,3 @@ class FrontendService(Service):
         if port is None:
             return None
         return port.stopListening()
-

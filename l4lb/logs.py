@@ -47,7 +47,9 @@ class _TwistedLogFile:
 
 
 def configure_logging(
-    log_format: str = "json", level: str = "info", stream: IO[str] | None = None,
+    log_format: str = "json",
+    level: str = "info",
+    stream: IO[str] | None = None,
     to_twisted: bool = False,
 ) -> None:
     """Configure structlog once per process, before any service starts."""

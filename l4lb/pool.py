@@ -7,6 +7,7 @@ by pool and server name, so health checks, an admin API and reload can act on it
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
-class NoServerAvailable(Exception):
+class NoServerError(Exception):
     """No server can take this client; ``reason`` is the log line's termination reason."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -98,21 +99,27 @@ class Pool:
 
     def candidates(self) -> list[ServerState]:
         """The tier policies may pick from: usable primaries, else usable backups."""
-        primaries = [s for s in self.servers if s.usable and s.weight > 0 and not s.backup]
+        primaries = [
+            s for s in self.servers if s.usable and s.weight > 0 and not s.backup
+        ]
         if primaries:
             return primaries
         return [s for s in self.servers if s.usable and s.weight > 0 and s.backup]
 
-    def acquire(self, client: str, avoid: Collection[ServerState] = ()) -> Deferred[ServerState]:
+    def acquire(
+        self, client: str, avoid: Collection[ServerState] = ()
+    ) -> Deferred[ServerState]:
         """A server with a slot reserved for ``client``, now or after queueing.
 
-        Fails with `NoServerAvailable` ("no server", "queue full", "queue
+        Fails with `NoServerError` ("no server", "queue full", "queue
         timeout"). Cancelling the Deferred (the client left) takes the client out
         of the queue.
         """
         candidates = self.candidates()
         if not candidates:
-            return fail(NoServerAvailable("no server", f"no usable server in pool {self.name}"))
+            return fail(
+                NoServerError("no server", f"no usable server in pool {self.name}")
+            )
         # While others wait, no server has room (each release serves the queue
         # first): join the end of the queue, first come first served.
         server = None if self._queue else self._pick(candidates, client, avoid)
@@ -120,14 +127,16 @@ class Pool:
             return succeed(self._reserve(server))
         if self.config.queue_timeout <= 0 or len(self._queue) >= self.config.max_queue:
             return fail(
-                NoServerAvailable("queue full", f"pool {self.name}: every server is full")
+                NoServerError("queue full", f"pool {self.name}: every server is full")
             )
 
         def cancel(d: Deferred[ServerState]) -> None:
             self._forget(waiter)
 
         waiter = _Waiter(client, tuple(avoid), Deferred(cancel))
-        waiter.timer = self._clock.callLater(self.config.queue_timeout, self._expire, waiter)
+        waiter.timer = self._clock.callLater(
+            self.config.queue_timeout, self._expire, waiter
+        )
         self._queue.append(waiter)
         return waiter.deferred
 
@@ -158,7 +167,11 @@ class Pool:
         while self._queue:
             waiter = self._queue[0]
             candidates = self.candidates()
-            server = self._pick(candidates, waiter.client, waiter.avoid) if candidates else None
+            server = (
+                self._pick(candidates, waiter.client, waiter.avoid)
+                if candidates
+                else None
+            )
             if server is None:
                 return
             self._forget(waiter)
@@ -168,16 +181,14 @@ class Pool:
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
         waiter.timer = None
-        try:
+        with contextlib.suppress(ValueError):  # already served or expired
             self._queue.remove(waiter)
-        except ValueError:
-            pass
 
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timer = None
         self._forget(waiter)
         waiter.deferred.errback(
-            NoServerAvailable(
+            NoServerError(
                 "queue timeout",
                 f"pool {self.name}: no slot within {self.config.queue_timeout:g}s",
             )

@@ -37,7 +37,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l4lb.pool import NoServerAvailable, Pool, ServerState
+from l4lb.pool import NoServerError, Pool, ServerState
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -55,7 +55,12 @@ log = structlog.get_logger("l4lb.proxy")
 EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
 
 # Failures of a connect attempt that are worth another server.
-_CONNECT_FAILURES = (error.ConnectError, error.ConnectionLost, defer.TimeoutError, OSError)
+_CONNECT_FAILURES = (
+    error.ConnectError,
+    error.ConnectionLost,
+    defer.TimeoutError,
+    OSError,
+)
 
 
 def _tune(transport: ITransport) -> None:
@@ -126,7 +131,6 @@ class ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.session is not None:
             self.session.server_lost(reason)
-
 
 
 class _ServerFactory(Factory):
@@ -232,7 +236,9 @@ class Session:
                     attempt=self.retries + 1,
                 )
                 if self.retries >= pool.config.retries:
-                    raise NoServerAvailable("connect failed", f"{server_state.name}: {why}") from e
+                    raise NoServerError(
+                        "connect failed", f"{server_state.name}: {why}"
+                    ) from e
                 self.retries += 1
                 continue
             self.connect_time = self.clock.seconds() - attempt_started
@@ -244,12 +250,14 @@ class Session:
         self._stop_watching()
         if failure.check(defer.CancelledError):
             return  # the client left (or we are closing); client_lost finishes up
-        if failure.check(NoServerAvailable):
+        if failure.check(NoServerError):
             exc = failure.value
             self._set_reason(exc.reason, exc.detail)
         else:
             self._set_reason("internal error", failure.getErrorMessage())
-            log.error("unexpected error while connecting", failure=failure.getTraceback())
+            log.error(
+                "unexpected error while connecting", failure=failure.getTraceback()
+            )
         self.client.transport.loseConnection()
 
     # -- 3. splice ---------------------------------------------------------
@@ -379,7 +387,10 @@ class Session:
 
     def _linger(self) -> None:
         """Closing flushes what is buffered; a peer that never reads gets aborted."""
-        limit = self.frontend.config.half_closed_timeout or self.frontend.config.idle_timeout
+        limit = (
+            self.frontend.config.half_closed_timeout
+            or self.frontend.config.idle_timeout
+        )
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -475,7 +486,9 @@ class DepartureWatch:
     must be served, so it is left for the splice to pass on.
     """
 
-    def __init__(self, reactor: IReactorFDSet, sock: socket.socket, on_left: Callable[[], None]) -> None:
+    def __init__(
+        self, reactor: IReactorFDSet, sock: socket.socket, on_left: Callable[[], None]
+    ) -> None:
         self._reactor = reactor
         self._socket = sock
         self._fileno = sock.fileno()
@@ -484,7 +497,9 @@ class DepartureWatch:
         reactor.addReader(self)
 
     @classmethod
-    def start(cls, transport: ITransport, on_left: Callable[[], None]) -> DepartureWatch | None:
+    def start(
+        cls, transport: ITransport, on_left: Callable[[], None]
+    ) -> DepartureWatch | None:
         """Watch a plain TCP/UNIX socket transport; others (test fakes, TLS) are not watched."""
         sock = getattr(transport, "socket", None)
         reactor = getattr(transport, "reactor", None)

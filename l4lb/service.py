@@ -83,7 +83,9 @@ class L4LBService(MultiService):
         self.cap = ConnectionCap(config.global_.max_connections)
         self.frontends: dict[str, Frontend] = {}
         for fe in config.frontends:
-            frontend = Frontend(fe, self.pools[fe.pool], reactor, endpoint_for, self.cap)
+            frontend = Frontend(
+                fe, self.pools[fe.pool], reactor, endpoint_for, self.cap
+            )
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
         self._grace_timer: Any = None

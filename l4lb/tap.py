@@ -20,7 +20,11 @@ class Options(usage.Options):
         "frontend so you can try l4lb with nc."
     )
     optFlags = [
-        ["check", None, "Validate the config, print every problem found, start nothing."],
+        [
+            "check",
+            None,
+            "Validate the config, print every problem found, start nothing.",
+        ],
         ["demo", None, "Self-contained demo: three echo backends behind one frontend."],
     ]
     optParameters = [
@@ -56,7 +60,7 @@ def _foreground(options: usage.Options) -> bool:
 def makeService(options: Options, reactor: Any = None) -> L4LBService:
     """Build the service tree from parsed options (``reactor`` is injectable for tests)."""
     if reactor is None:
-        from twisted.internet import reactor  # noqa: PLC0415 — twistd installs it first
+        from twisted.internet import reactor
     demo = None
     config = options.config
     if options["demo"]:

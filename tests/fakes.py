@@ -109,7 +109,11 @@ class Harness:
         self.pool = Pool(self.pool_config, self.clock)
         self.endpoints = {s.name: FakeEndpoint(s.name) for s in server_configs}
         self.frontend_config = FrontendConfig(
-            name="fe", listen="127.0.0.1:0", endpoint="tcp:0", pool="p", **(frontend or {})
+            name="fe",
+            listen="127.0.0.1:0",
+            endpoint="tcp:0",
+            pool="p",
+            **(frontend or {}),
         )
         self.cap = ConnectionCap(process_limit)
         self.frontend = Frontend(
@@ -120,7 +124,9 @@ class Harness:
             self.cap,
         )
 
-    def accept(self, host: str = "10.0.0.7", port: int = 40000) -> tuple[ClientProtocol, FakeTransport]:
+    def accept(
+        self, host: str = "10.0.0.7", port: int = 40000
+    ) -> tuple[ClientProtocol, FakeTransport]:
         protocol = self.frontend.buildProtocol(IPv4Address("TCP", host, port))
         transport = FakeTransport(protocol, peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
@@ -153,7 +159,9 @@ class Harness:
         d.errback(Failure(error.ConnectionRefusedError()))
         return name
 
-    def connected_pair(self, host: str = "10.0.0.7") -> tuple[ClientProtocol, FakeTransport, ServerProtocol, FakeTransport]:
+    def connected_pair(
+        self, host: str = "10.0.0.7"
+    ) -> tuple[ClientProtocol, FakeTransport, ServerProtocol, FakeTransport]:
         client, client_transport = self.accept(host)
         _, server, server_transport = self.complete()
         return client, client_transport, server, server_transport

@@ -8,14 +8,16 @@ import pytest
 from twisted.internet.task import Clock
 
 from l4lb.config import PoolConfig, ServerAddress, ServerConfig
-from l4lb.pool import NoServerAvailable, Pool
+from l4lb.pool import NoServerError, Pool
 
 
 def make_pool(servers: list[dict[str, Any]], **pool: Any) -> tuple[Pool, Clock]:
     clock = Clock()
     configs = tuple(
         ServerConfig(
-            name=s.pop("name", f"s{i}"), address=ServerAddress(host="127.0.0.1", port=7000 + i), **s
+            name=s.pop("name", f"s{i}"),
+            address=ServerAddress(host="127.0.0.1", port=7000 + i),
+            **s,
         )
         for i, s in enumerate(dict(s) for s in servers)
     )
@@ -52,7 +54,7 @@ class TestTiers:
         """An empty tier fails at once with reason "no server"."""
         pool, _ = make_pool([{"weight": 0}])
         failure = result(pool.acquire("10.0.0.1"))
-        assert failure.check(NoServerAvailable)
+        assert failure.check(NoServerError)
         assert failure.value.reason == "no server"
 
 
@@ -112,9 +114,13 @@ class TestQueue:
         assert held.live == 0
 
     @pytest.mark.parametrize(("queue_timeout", "max_queue"), [(0.0, 10), (5.0, 0)])
-    def test_no_queue_refuses_at_once(self, queue_timeout: float, max_queue: int) -> None:
+    def test_no_queue_refuses_at_once(
+        self, queue_timeout: float, max_queue: int
+    ) -> None:
         """With queueing off (timeout 0) or the queue full, the client fails at once."""
-        pool, _ = make_pool([{"max_connections": 1}], queue_timeout=queue_timeout, max_queue=max_queue)
+        pool, _ = make_pool(
+            [{"max_connections": 1}], queue_timeout=queue_timeout, max_queue=max_queue
+        )
         result(pool.acquire("c0"))
         failure = result(pool.acquire("c1"))
         assert failure.value.reason == "queue full"
@@ -133,7 +139,9 @@ class TestQueue:
 
     def test_changed_serves_waiters(self) -> None:
         """When a server becomes usable again, waiting clients are served."""
-        pool, _ = make_pool([{"name": "a", "max_connections": 1}, {"name": "b", "backup": True}])
+        pool, _ = make_pool(
+            [{"name": "a", "max_connections": 1}, {"name": "b", "backup": True}]
+        )
         result(pool.acquire("c0"))
         pool.server("b").usable = False
         waiting = pool.acquire("c1")

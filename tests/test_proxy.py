@@ -46,7 +46,10 @@ class TestConnect:
         server.dataReceived(b"+PONG\r\n")
         assert server_transport.value() == b"PING\r\n"
         assert client_transport.value() == b"+PONG\r\n"
-        assert (client.session.bytes_from_client, client.session.bytes_from_server) == (6, 7)
+        assert (client.session.bytes_from_client, client.session.bytes_from_server) == (
+            6,
+            7,
+        )
 
     def test_server_speaking_first_reaches_client(self) -> None:
         """A greeting sent right after connect (MySQL-style) reaches the client."""
@@ -272,7 +275,9 @@ class TestLogLine:
         """A finished connection logs exactly one line with the documented fields."""
         h = Harness()
         with capture_logs() as logs:
-            client, client_transport, server, server_transport = h.connected_pair("10.1.2.3")
+            client, client_transport, server, server_transport = h.connected_pair(
+                "10.1.2.3"
+            )
             client.dataReceived(b"abc")
             server.dataReceived(b"defgh")
             h.clock.advance(2)
@@ -310,11 +315,17 @@ class TestLimits:
             pass
 
     @pytest.mark.parametrize(
-        ("frontend_limit", "process_limit"), [(2, 1000), (1000, 2)], ids=["frontend", "process"]
+        ("frontend_limit", "process_limit"),
+        [(2, 1000), (1000, 2)],
+        ids=["frontend", "process"],
     )
-    def test_accepting_pauses_at_cap_and_resumes(self, frontend_limit: int, process_limit: int) -> None:
+    def test_accepting_pauses_at_cap_and_resumes(
+        self, frontend_limit: int, process_limit: int
+    ) -> None:
         """At a connection cap the listener stops reading; it resumes when a slot frees."""
-        h = Harness(frontend={"max_connections": frontend_limit}, process_limit=process_limit)
+        h = Harness(
+            frontend={"max_connections": frontend_limit}, process_limit=process_limit
+        )
         port = self.FakePort()
         h.frontend.listening(port)
         _, c1, _, s1 = h.connected_pair()

@@ -66,7 +66,9 @@ class TestOptions:
         bad = tmp_path / "bad.toml"
         bad.write_text(BAD)
         with pytest.raises(SystemExit) as exit_:
-            Options().parseOptions(["--config", str(bad)] + (["--check"] if check else []))
+            Options().parseOptions(
+                ["--config", str(bad)] + (["--check"] if check else [])
+            )
         assert exit_.value.code == 1
         err = capsys.readouterr().err
         assert f"{bad}: frontend.a.idle_timout: unknown key" in err
@@ -95,7 +97,9 @@ class TestLogging:
         """log_format json writes one JSON object per line with level and time."""
         out = io.StringIO()
         configure_logging("json", "info", stream=out)
-        structlog.get_logger("t").info("connection closed", pool="p", bytes_from_client=3)
+        structlog.get_logger("t").info(
+            "connection closed", pool="p", bytes_from_client=3
+        )
         structlog.get_logger("t").debug("dropped")
         (line,) = out.getvalue().splitlines()
         event = json.loads(line)
@@ -119,7 +123,7 @@ class TestLogging:
             log.info("Received {signal}, shutting down.", signal="SIGTERM")
             log.debug("not shown")
             try:
-                1 / 0
+                raise ZeroDivisionError("boom")
             except ZeroDivisionError:
                 log.failure("while calling from thread")
         assert [e["event"] for e in logs] == [
