@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import structlog
 from twisted.python import usage
 
 from l4lb.config import Config, ConfigError, load_config, parse_config
+from l4lb.demo import DemoBackends
 from l4lb.logs import TwistedBridge, configure_logging
 from l4lb.service import L4LBService
 
@@ -64,8 +66,6 @@ def makeService(options: Options, reactor: Any = None) -> L4LBService:
     demo = None
     config = options.config
     if options["demo"]:
-        from l4lb.demo import DemoBackends
-
         demo = DemoBackends(reactor)
         config = parse_config(demo.config_text(options["demo-listen"]), "<demo>")
     assert config is not None
@@ -77,11 +77,12 @@ def makeService(options: Options, reactor: Any = None) -> L4LBService:
     )
     if demo is not None:
         demo.setServiceParent(service)
-        import structlog
-
+        listen = options["demo-listen"]
+        host, _, port = listen.rpartition(":")
         structlog.get_logger("l4lb.demo").info(
-            "demo ready: try `nc 127.0.0.1 PORT` a few times and type a line",
-            listen=options["demo-listen"],
+            f"demo ready: run `nc {host.strip('[]') or '127.0.0.1'} {port}` a few times"
+            " and type a line: each backend greets you with its name",
+            listen=listen,
             backends=[f"127.0.0.1:{p.getHost().port}" for p in demo.ports],
         )
     return service
