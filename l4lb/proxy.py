@@ -291,13 +291,11 @@ class Session:
         self._client_eof = True
         self._set_reason("client closed")
         self.last_activity = self.clock.seconds()
-        if self.server is None:
-            return  # cannot happen while paused; kept for safety
         self._unpace_server()
         if self._server_eof:
             self._close_both()
         else:
-            self.server.transport.loseWriteConnection()
+            self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
             self._arm_timer()
 
     def server_eof(self) -> None:

@@ -23,7 +23,11 @@ from typing import Any, NamedTuple
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import deferLater
@@ -277,14 +281,19 @@ class L4LB(NamedTuple):
 
 
 def config_text(
-    servers: dict[str, str], *, pool: str = "", frontend: str = "", grace: str = "2s"
+    servers: dict[str, str],
+    *,
+    pool: str = "",
+    frontend: str = "",
+    grace: str = "2s",
+    listen: str = "127.0.0.1:0",
 ) -> str:
     """TOML for frontend ``fe`` on an ephemeral port in front of pool ``p``."""
     lines = [
         "[global]",
         f'shutdown_grace = "{grace}"',
         "[frontend.fe]",
-        'listen = "127.0.0.1:0"',
+        f'listen = "{listen}"',
         'pool = "p"',
         frontend,
         "[pool.p]",
@@ -312,7 +321,7 @@ class Lab:
         self.services: list[L4LB] = []
         self.clients: list[Peer] = []
         self.sockets: list[socket.socket] = []
-        self.tcp_ports: list[int] = []
+        self.tcp_ports: list[tuple[str, int]] = []
         self.unix_paths: list[str] = []
         self._readers = set(reactor.getReaders())
         self._writers = set(reactor.getWriters())
@@ -323,13 +332,13 @@ class Lab:
 
     # -- building ----------------------------------------------------------
 
-    def backend(self, make: Callable[[], Peer]) -> Backend:
-        """A TCP server on an ephemeral 127.0.0.1 port."""
+    def backend(self, make: Callable[[], Peer], host: str = "127.0.0.1") -> Backend:
+        """A TCP server on an ephemeral port of ``host`` (IPv4 or IPv6 literal)."""
         backend = Backend(make)
-        backend.port = self.reactor.listenTCP(0, backend, interface="127.0.0.1")
+        backend.port = self.reactor.listenTCP(0, backend, interface=host)
         port = backend.port.getHost().port
-        backend.address = f"127.0.0.1:{port}"
-        self.tcp_ports.append(port)
+        backend.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.tcp_ports.append((host, port))
         self.backends.append(backend)
         return backend
 
@@ -355,14 +364,17 @@ class Lab:
         frontend = service.frontends["fe"]
         assert frontend.port is not None
         lb = L4LB(service, frontend, frontend.port.getHost().port)
-        self.tcp_ports.append(lb.port)
+        self.tcp_ports.append((frontend.port.getHost().host, lb.port))
         self.services.append(lb)
         return lb
 
-    async def connect(self, port: int, peer: Peer | None = None) -> Peer:
-        """A client connection to 127.0.0.1:``port``."""
+    async def connect(
+        self, port: int, peer: Peer | None = None, host: str = "127.0.0.1"
+    ) -> Peer:
+        """A client connection to ``host``:``port`` (IPv4 or IPv6 literal)."""
         peer = peer if peer is not None else self.peer()
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=5)
+        make = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        endpoint = make(self.reactor, host, port, timeout=5)
         self.clients.append(peer)
         await self.wait(endpoint.connect(_Once(peer)), 5, f"connect to port {port}")
         return peer
@@ -461,10 +473,11 @@ class Lab:
             )
         for s in self.sockets:
             s.close()
-        for port in self.tcp_ports:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) != errno.ECONNREFUSED:
-                    problems.append(f"127.0.0.1:{port} still accepts connections")
+        for host, port in self.tcp_ports:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family) as probe:
+                if probe.connect_ex((host, port)) != errno.ECONNREFUSED:
+                    problems.append(f"{host}:{port} still accepts connections")
         for path in self.unix_paths:
             with socket.socket(socket.AF_UNIX) as probe:
                 if probe.connect_ex(path) not in (errno.ECONNREFUSED, errno.ENOENT):

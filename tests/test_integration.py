@@ -452,3 +452,34 @@ class TestUnixBackend:
             4 * MiB,
             4 * MiB,
         )
+
+
+class TestAddresses:
+    @pytest_twisted.ensureDeferred
+    async def test_ipv6_frontend_and_server(self, lab: Lab) -> None:
+        """A frontend on [::1] in front of a server on [::1] splices like IPv4."""
+        echo = lab.backend(lab.echo, host="::1")
+        lb = lab.l4lb({"v6": echo.address}, listen="[::1]:0")
+        with capture_logs() as logs:
+            client = await lab.connect(lb.port, lab.peer(keep=True), host="::1")
+            client.send(b"over six", then=HALF_CLOSE)
+            await lab.wait(client.closed.wait(), 5, "echo client closed")
+            await drained(lab, lb)
+        assert bytes(client.data) == b"over six"
+        (line,) = closed_lines(logs)
+        assert line["client"].startswith("[::1]:")
+        assert line["server"] == "v6"
+
+    @pytest_twisted.ensureDeferred
+    async def test_server_by_dns_name(self, lab: Lab) -> None:
+        """A server given as ``localhost:PORT`` is resolved without blocking and reached."""
+        echo = lab.backend(lab.echo)
+        port = echo.address.rpartition(":")[2]
+        lb = lab.l4lb({"named": f"localhost:{port}"})
+        with capture_logs() as logs:
+            echoed = await echo_round_trip(lab, lb.port, b"by name")
+            await drained(lab, lb)
+        no_internal_errors(logs)
+        assert echoed == b"by name"
+        (line,) = closed_lines(logs)
+        assert (line["server"], line["reason"]) == ("named", "client closed")
