@@ -483,3 +483,36 @@ class TestAddresses:
         assert echoed == b"by name"
         (line,) = closed_lines(logs)
         assert (line["server"], line["reason"]) == ("named", "client closed")
+
+
+class TestConnectionCaps:
+    @pytest_twisted.ensureDeferred
+    async def test_client_beyond_cap_waits_in_backlog(self, lab: Lab) -> None:
+        """At the frontend cap a further client is not accepted until a slot frees, then served."""
+        echo = lab.backend(lab.echo)
+        lb = lab.l4lb({"e": echo.address}, frontend="max_connections = 2")
+        held = [await lab.connect(lb.port) for _ in range(2)]
+        await lab.until(lambda: len(echo.live) == 2, what="two clients spliced")
+        # The kernel completes the third handshake (backlog); l4lb does not accept it.
+        third = await lab.connect(lb.port, lab.peer(keep=True))
+        third.send(b"third", then=HALF_CLOSE)
+        assert await lab.settle(
+            lambda: (len(lb.frontend.sessions), len(echo.live))
+        ) == (
+            2,
+            2,
+        )
+        assert third.data == b""
+        with capture_logs() as logs:
+            held[0].transport.loseConnection()
+            await lab.wait(third.closed.wait(), 5, "third client served")
+            held[1].transport.loseConnection()
+            await drained(lab, lb)
+        assert bytes(third.data) == b"third"
+        assert sorted(e["reason"] for e in closed_lines(logs)) == ["client closed"] * 3
+        # resumed (slot freed) → paused (third accepted: at the cap again) → resumed
+        assert [e["event"] for e in logs if "accepting" in e["event"]] == [
+            "accepting resumed",
+            "connection limit reached, accepting paused",
+            "accepting resumed",
+        ]
