@@ -35,13 +35,14 @@ _TWISTED_LEVELS = {
 }
 
 
+_to_twisted = TwistedLogger(namespace="l4lb")  # module level: Logger is a descriptor
+
+
 class _TwistedLogFile:
     """A structlog output that hands rendered lines to twisted.logger (daemon mode)."""
 
-    _log = TwistedLogger(namespace="l4lb")
-
     def msg(self, message: str) -> None:
-        self._log.info("{line}", line=message)
+        _to_twisted.info("{line}", line=message)
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
@@ -58,12 +59,10 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
-    processors = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        renderer,
-    ]
+    processors: list[Any] = [structlog.processors.add_log_level]
+    if not to_twisted:  # twistd's log file stamps each line itself
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    processors += [structlog.processors.format_exc_info, renderer]
     if to_twisted:
         factory: Any = lambda *args: _TwistedLogFile()  # noqa: E731
     else:

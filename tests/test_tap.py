@@ -134,3 +134,18 @@ class TestLogging:
         assert "ZeroDivisionError" in logs[1]["exception"]
         assert logs[1]["log_level"] == "critical"
         assert LogLevel.critical  # the level map covers Twisted's levels
+
+    def test_daemon_mode_hands_lines_to_twistd(self) -> None:
+        """Daemonized, rendered lines go to twisted.logger (twistd's log file), unstamped."""
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        try:
+            configure_logging("json", "info", to_twisted=True)
+            structlog.get_logger("t").info("listening", frontend="redis")
+        finally:
+            globalLogPublisher.removeObserver(seen.append)
+        (event,) = [e for e in seen if e.get("log_namespace") == "l4lb"]
+        line = json.loads(event["line"])
+        assert line["event"] == "listening" and "timestamp" not in line
