@@ -7,6 +7,7 @@ children all at once: stop listening, let live sessions finish for up to
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from ipaddress import ip_address
@@ -88,7 +89,8 @@ class L4LBService(MultiService):
             )
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
-        self._grace_timer: Any = None
+        self._stopping = False
+        self._closed_now = 0  # sessions closed by a second stop signal
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd hands us its Application: an ILogObserver component on it
@@ -120,7 +122,44 @@ class L4LBService(MultiService):
             max_connections=self.cap.limit,
         )
 
+    def install_second_signal(self) -> None:
+        """A second SIGTERM/SIGINT during the grace period closes what is left at once.
+
+        Call before the reactor runs: Twisted installs its own handlers during
+        start-up, so ours wrap them after start-up. The first signal still goes
+        to Twisted (which stops the reactor and so starts our graceful stop);
+        the handler only schedules, it does nothing in signal context.
+        """
+
+        def wrap() -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                first = signal.getsignal(signum)
+                if not callable(first):
+                    continue
+
+                def handler(number: int, frame: Any, first: Any = first) -> None:
+                    if self._stopping:
+                        self.reactor.callFromThread(self._close_now, number)
+                    else:
+                        first(number, frame)
+
+                signal.signal(signum, handler)
+
+        self.reactor.addSystemEventTrigger("after", "startup", wrap)
+
+    def _close_now(self, signum: int) -> None:
+        sessions = self.live_sessions()
+        log.warning(
+            "second stop signal: closing connections now",
+            signal=signal.Signals(signum).name,
+            live_connections=len(sessions),
+        )
+        self._closed_now += len(sessions)
+        for session in sessions:
+            session.close("shutdown", abort=True)
+
     def stopService(self) -> Deferred[None]:
+        self._stopping = True
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -136,11 +175,12 @@ class L4LBService(MultiService):
             session.close("shutdown", abort=True)
         if leftover:
             await self._drain(None)
+        closed = len(leftover) + self._closed_now
         log.info(
             "stopped",
-            finished_in_grace=len(sessions) - len(leftover),
-            closed_at_shutdown=len(leftover),
-            drained=drained,
+            finished_in_grace=len(sessions) - closed,
+            closed_at_shutdown=closed,
+            drained=drained and not self._closed_now,
         )
         await super().stopService()
 

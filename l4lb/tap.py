@@ -75,6 +75,8 @@ def makeService(options: Options, reactor: Any = None) -> L4LBService:
     service = L4LBService(
         config, reactor, log_observer=TwistedBridge(level) if foreground else None
     )
+    if getattr(options, "parent", None) is not None:  # under twistd, not in tests
+        service.install_second_signal()
     if demo is not None:
         demo.setServiceParent(service)
         listen = options["demo-listen"]

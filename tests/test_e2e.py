@@ -301,6 +301,34 @@ class TestGracefulStop:
         assert stopped["closed_at_shutdown"] == 1
         assert stopped["drained"] is False
 
+    def test_second_signal_closes_at_once(
+        self, run_l4lb: Callable[..., L4LB], redis_servers: Callable[[int], list[int]]
+    ) -> None:
+        """A second SIGTERM during a long grace period closes what is left and exits."""
+        lb = run_l4lb(redis_config(redis_servers(1), shutdown_grace="60s"))
+        host, port = lb.address()
+        client = redis_client(port)
+        try:
+            assert client.ping() is True
+            lb.signal(signal.SIGTERM)
+            wait_until(lambda: port_refuses(host, port), 2, "new connects refused")
+            assert client.ping() is True  # still served in the grace period
+            lb.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            status = lb.wait(10)
+            elapsed = time.monotonic() - signalled
+        finally:
+            client.close()
+        assert status in CLEAN_EXIT, lb.output()
+        assert elapsed < 5
+        assert "Traceback" not in lb.output()
+        (warning,) = lb.events("second stop signal: closing connections now")
+        assert warning["live_connections"] == 1
+        held = [line for line in lb.closed_lines() if line["bytes_from_client"] > 0]
+        assert [line["reason"] for line in held] == ["shutdown"]
+        (stopped,) = lb.events("stopped")
+        assert stopped["closed_at_shutdown"] == 1
+
     @pytest.mark.parametrize("close_in_grace", [True, False], ids=["drained", "cut"])
     def test_stopped_is_the_last_line(
         self,
