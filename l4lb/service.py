@@ -7,6 +7,7 @@ children all at once: stop listening, let live sessions finish for up to
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -54,6 +55,45 @@ def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoi
     if ip.version == 6:
         return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=3600)
     return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=3600)
+
+
+# Descriptors besides two per proxied connection: listeners, probes, logs, Twisted's own.
+_FD_SPARE = 64
+
+
+def fit_fd_limit(
+    max_connections: int,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> int:
+    """Raise the soft descriptor limit to what ``max_connections`` needs (as HAProxy does).
+
+    Each proxied connection holds two descriptors. Past the limit, Twisted
+    accepts and drops clients at once (EMFILE) instead of leaving them in the
+    backlog, so an unreachable ``max_connections`` is worth a warning at start.
+    Returns the soft limit in force.
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if max_connections <= 0:
+        return soft
+    needed = 2 * max_connections + _FD_SPARE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "file descriptor limit below what max_connections needs",
+            max_connections=max_connections,
+            needed=needed,
+            limit=soft,
+            effect="beyond the limit new clients are accepted and closed at once",
+            fix="raise the limit (systemd LimitNOFILE=, ulimit -n) or lower max_connections",
+        )
+    return soft
 
 
 class L4LBService(MultiService):
@@ -114,6 +154,7 @@ class L4LBService(MultiService):
             raise SystemExit(1) from None
 
     def startService(self) -> None:
+        fit_fd_limit(self.config.global_.max_connections)
         super().startService()
         log.info(
             "started",

@@ -149,3 +149,35 @@ class TestLogging:
         (event,) = [e for e in seen if e.get("log_namespace") == "l4lb"]
         line = json.loads(event["line"])
         assert line["event"] == "listening" and "timestamp" not in line
+
+
+class TestDescriptorLimit:
+    @pytest.mark.parametrize(
+        ("soft", "hard", "max_connections", "raised_to", "warned"),
+        [
+            (1024, 1048576, 100000, 200064, False),  # raised to what is needed
+            (1024, 20000, 100000, 20000, True),  # raised to the hard cap, still short
+            (300000, 1048576, 100000, None, False),  # already enough
+            (1024, 1048576, 0, None, False),  # no cap: nothing to size
+        ],
+    )
+    def test_soft_limit_fitted_to_max_connections(
+        self,
+        soft: int,
+        hard: int,
+        max_connections: int,
+        raised_to: int | None,
+        warned: bool,
+    ) -> None:
+        """The soft fd limit is raised for 2 per connection, with a warning if it cannot be."""
+        from l4lb.service import fit_fd_limit
+
+        calls: list[tuple[int, int]] = []
+        with capture_logs() as logs:
+            fit_fd_limit(
+                max_connections,
+                getrlimit=lambda _: (soft, hard),
+                setrlimit=lambda _, limits: calls.append(limits),
+            )
+        assert calls == ([] if raised_to is None else [(raised_to, hard)])
+        assert bool(logs) is warned
