@@ -16,18 +16,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
-from l4lb.proxy import ClientProtocol, Session, format_address
+from l4lb.proxy import ClientProtocol, EndpointForServer, Session, format_address
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
         IAddress,
         IListeningPort,
         IReactorTime,
-        IStreamClientEndpoint,
     )
 
     from l4lb.config import FrontendConfig
-    from l4lb.pool import Pool, ServerState
+    from l4lb.pool import Pool
 
 log = structlog.get_logger("l4lb.frontend")
 
@@ -78,7 +77,7 @@ class Frontend(ServerFactory):
         config: FrontendConfig,
         pool: Pool,
         clock: IReactorTime,
-        endpoint_for: Callable[[ServerState], IStreamClientEndpoint],
+        endpoint_for: EndpointForServer,
         cap: ConnectionCap,
     ) -> None:
         self.config = config

@@ -3,7 +3,8 @@
 Read this module top to bottom to follow one client connection:
 
 1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
-   so nothing is buffered, until a backend is connected) and starts a `Session`.
+   so nothing is buffered, until a backend is connected) and starts a `Session`;
+   a `DepartureWatch` notices the waiting client leaving without reading it.
 2. `Session.connect` asks the pool for a server (possibly after queueing) and
    opens a connection through the pool's endpoint seam, retrying a failed
    connect on servers not yet tried. The client sees nothing of a retry: no
@@ -14,8 +15,9 @@ Read this module top to bottom to follow one client connection:
 4. Half-close: a FIN from one side becomes a FIN to the other
    (`loseWriteConnection`); data keeps flowing the other way. When both
    directions are done, both sides are closed.
-5. `Session.finish` runs once both transports are gone: it releases the server
-   slot and logs the one "connection closed" line.
+5. Once both transports are gone (`Session._maybe_finish`) the session logs its
+   one "connection closed" line and reports to the frontend; the server slot was
+   released when the backend connection ended.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("l4lb.proxy")
 
+# The one seam all backend connections go through: tests replace it, and
+# health checks and backend TLS will use it too.
 EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
 
 # Failures of a connect attempt that are worth another server.

@@ -27,6 +27,7 @@ from twisted.python.components import Componentized
 
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
+from l4lb.proxy import EndpointForServer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamClientEndpoint
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from l4lb.config import Config, ServerAddress
 
 log = structlog.get_logger("l4lb.service")
-
-EndpointFactory = Callable[[ServerState], "IStreamClientEndpoint"]
 
 
 def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoint:
@@ -103,7 +102,7 @@ class L4LBService(MultiService):
         self,
         config: Config,
         reactor: Any,
-        endpoint_for: EndpointFactory | None = None,
+        endpoint_for: EndpointForServer | None = None,
         log_observer: Any = None,
     ) -> None:
         super().__init__()
