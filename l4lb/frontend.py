@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("l4lb.frontend")
 
 _UNLIMITED = 2**62  # "room" when a cap is 0, i.e. off
+PAUSE_REPORT_INTERVAL = 10.0  # seconds between "accepting paused" warnings
 
 
 class ConnectionCap:
@@ -92,6 +93,8 @@ class Frontend(ServerFactory):
         self.port: IListeningPort | None = None
         self.accepting = False  # wanted: between listen and stop_listening
         self._reading = False  # actual state of the listening socket
+        self._pauses = 0  # pauses at a cap since the last report
+        self._pause_reported_at: float | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
         protocol = ClientProtocol(self)
@@ -136,19 +139,36 @@ class Frontend(ServerFactory):
         if want and not self._reading:
             self._reading = True
             port.startReading()  # type: ignore[attr-defined]
-            log.info("accepting resumed", frontend=self.name, live=len(self.sessions))
+            log.debug("accepting resumed", frontend=self.name, live=len(self.sessions))
         elif not want and self._reading:
             self._reading = False
             port.stopReading()  # type: ignore[attr-defined]
             if self.accepting:
-                log.warning(
-                    "connection limit reached, accepting paused",
-                    frontend=self.name,
-                    live=len(self.sessions),
-                    frontend_limit=self.config.max_connections,
-                    process_live=self.cap.live,
-                    process_limit=self.cap.limit,
-                )
+                self._report_pause()
+
+    def _report_pause(self) -> None:
+        """A warning at the first pause, then at most one per interval, with a count.
+
+        At a sustained cap the listener pauses and resumes around every
+        connection; one line each time would flood the log.
+        """
+        self._pauses += 1
+        now = self.clock.seconds()
+        if self._pause_reported_at is not None and (
+            now - self._pause_reported_at < PAUSE_REPORT_INTERVAL
+        ):
+            return
+        log.warning(
+            "connection limit reached, accepting paused",
+            frontend=self.name,
+            live=len(self.sessions),
+            frontend_limit=self.config.max_connections,
+            process_live=self.cap.live,
+            process_limit=self.cap.limit,
+            pauses=self._pauses,
+        )
+        self._pause_reported_at = now
+        self._pauses = 0
 
 
 def _clamp_accept_batches(port: IListeningPort, room: Callable[[], int]) -> None:

@@ -510,9 +510,8 @@ class TestConnectionCaps:
             await drained(lab, lb)
         assert bytes(third.data) == b"third"
         assert sorted(e["reason"] for e in closed_lines(logs)) == ["client closed"] * 3
-        # resumed (slot freed) → paused (third accepted: at the cap again) → resumed
-        assert [e["event"] for e in logs if "accepting" in e["event"]] == [
-            "accepting resumed",
-            "connection limit reached, accepting paused",
-            "accepting resumed",
-        ]
+        # resumed (slot freed) → paused (third accepted: at the cap again) →
+        # resumed; the second pause is within the report interval: not a warning.
+        assert [
+            (e["event"], e["log_level"]) for e in logs if "accepting" in e["event"]
+        ] == [("accepting resumed", "debug"), ("accepting resumed", "debug")]

@@ -336,6 +336,22 @@ class TestLimits:
         c1.lose()
         assert port.reading
 
+    def test_pause_warnings_are_rate_limited(self) -> None:
+        """At a sustained cap, "accepting paused" is warned once per interval with a count."""
+        h = Harness(frontend={"max_connections": 1})
+        h.frontend.listening(self.FakePort())
+        with capture_logs() as logs:
+            for _ in range(3):  # pause, resume, pause, resume, ...
+                _, c, _, s = h.connected_pair()
+                s.lose()
+                c.lose()
+            h.clock.advance(10)
+            h.connected_pair()
+        warnings = [
+            e for e in logs if e["event"].startswith("connection limit reached")
+        ]
+        assert [w["pauses"] for w in warnings] == [1, 3]
+
     def test_zero_caps_mean_no_cap(self) -> None:
         """A cap of 0 (frontend and process) never pauses accepting."""
         h = Harness(frontend={"max_connections": 0}, process_limit=0)
