@@ -23,7 +23,9 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
+from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
@@ -111,13 +113,12 @@ class L4LBService(MultiService):
         self._log_observer = log_observer
         self.pools: dict[str, Pool] = {p.name: Pool(p, reactor) for p in config.pools}
         if endpoint_for is None:
-            endpoints: dict[int, IStreamClientEndpoint] = {}
+            endpoints: dict[ServerState, IStreamClientEndpoint] = {}
 
             def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
-                key = id(server)
-                if key not in endpoints:
-                    endpoints[key] = client_endpoint(reactor, server.config.address)
-                return endpoints[key]
+                if server not in endpoints:
+                    endpoints[server] = client_endpoint(reactor, server.config.address)
+                return endpoints[server]
 
         self.endpoint_for = endpoint_for
         self.cap = ConnectionCap(config.global_.max_connections)
@@ -136,8 +137,6 @@ class L4LBService(MultiService):
         # makes twistd send Twisted's own log events through our structlog
         # output instead of its own text format (twisted.application.app.AppLogger).
         if self._log_observer is not None and isinstance(parent, Componentized):
-            from twisted.logger import ILogObserver
-
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
 
@@ -232,7 +231,12 @@ class L4LBService(MultiService):
         idle = self.cap.when_idle()
         if grace is not None:
             idle.addTimeout(grace, self.reactor)
-        idle.addCallbacks(lambda _: True, lambda f: f.trap(TimeoutError) and False)
+
+        def timed_out(failure: Failure) -> bool:
+            failure.trap(TimeoutError)
+            return False
+
+        idle.addCallbacks(lambda _: True, timed_out)
         return idle
 
 
