@@ -86,6 +86,11 @@ def redis_client(port: int) -> redis.Redis:
     )
 
 
+def held_reasons(lb: L4LB) -> list[str]:
+    """Reasons of the connections that carried client bytes (not readiness probes)."""
+    return [e["reason"] for e in lb.closed_lines() if e["bytes_from_client"] > 0]
+
+
 def redis_config(ports: list[int], **global_: object) -> str:
     """One frontend on a free port in front of the redis servers on ``ports``."""
     return l4lb_config(
@@ -272,8 +277,7 @@ class TestGracefulStop:
         (stopped,) = lb.events("stopped")
         assert stopped["closed_at_shutdown"] == 0
         assert stopped["drained"] is True
-        held = [line for line in lb.closed_lines() if line["bytes_from_client"] > 0]
-        assert [line["reason"] for line in held] == ["client closed"]
+        assert held_reasons(lb) == ["client closed"]
 
     def test_connection_past_grace_is_closed(
         self, run_l4lb: Callable[..., L4LB], redis_servers: Callable[[int], list[int]]
@@ -324,8 +328,7 @@ class TestGracefulStop:
         assert "Traceback" not in lb.output()
         (warning,) = lb.events("second stop signal: closing connections now")
         assert warning["live_connections"] == 1
-        held = [line for line in lb.closed_lines() if line["bytes_from_client"] > 0]
-        assert [line["reason"] for line in held] == ["shutdown"]
+        assert held_reasons(lb) == ["shutdown"]
         (stopped,) = lb.events("stopped")
         assert stopped["closed_at_shutdown"] == 1
 
