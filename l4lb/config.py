@@ -39,11 +39,16 @@ import attrs
 from l4lb.balance import POLICY_NAMES
 
 __all__ = [
+    "CertificateConfig",
+    "CheckStep",
     "Config",
     "ConfigError",
     "FrontendConfig",
+    "FrontendTLSConfig",
     "GlobalConfig",
+    "HealthConfig",
     "PoolConfig",
+    "PoolTLSConfig",
     "Problem",
     "ServerAddress",
     "ServerConfig",
@@ -103,11 +108,39 @@ class FrontendConfig:
     name: str
     listen: str  # the text as written in the file, for messages and logs
     endpoint: str  # Twisted server endpoint description for serverFromString
-    pool: str
+    pool: str | None  # None only with route_by_sni: unmatched SNI is refused
     max_connections: int = 10000
     idle_timeout: float = 3600.0
     half_closed_timeout: float = 60.0
     backlog: int = 1024
+    tls: FrontendTLSConfig | None = None  # [frontend.X.tls]: terminate TLS
+    # TLS passthrough: (SNI pattern, pool name) in file order; "*.x" wildcards.
+    route_by_sni: tuple[tuple[str, str], ...] = ()
+    # Passthrough only: time allowed for the whole ClientHello to arrive.
+    handshake_timeout: float = 10.0
+
+
+@attrs.frozen
+class CertificateConfig:
+    """One certificate (file may hold the chain) and its private key."""
+
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class FrontendTLSConfig:
+    """TLS termination on a frontend ([frontend.X.tls])."""
+
+    certificates: tuple[CertificateConfig, ...]  # the first is the default
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    ciphers: str | None = None  # None: Mozilla "intermediate"
+    alpn: tuple[str, ...] = ()
+    client_ca: str | None = None
+    client_auth: str = "required"  # "required" | "optional"; only with client_ca
+    handshake_timeout: float = 10.0
+    starttls: str | None = None  # "postgres"
+    plaintext: str = "refuse"  # with starttls: "refuse" | "allow"
 
 
 @attrs.frozen
@@ -132,6 +165,62 @@ class PoolConfig:
     retries: int = 3
     queue_timeout: float = 5.0
     max_queue: int = 1000
+    health: HealthConfig | None = None  # None: no probes, servers always up
+    tls: PoolTLSConfig | None = None  # None: plain TCP to the servers
+
+
+@attrs.frozen
+class PoolTLSConfig:
+    """TLS from l4lb to the servers of a pool ([pool.X.tls])."""
+
+    verify: bool = True
+    ca: str | None = None  # None: the system trust store
+    server_name: str | None = None  # None: the server's host
+    cert: str | None = None  # client certificate for mTLS to the servers
+    key: str | None = None
+
+
+@attrs.frozen
+class CheckStep:
+    """One step of a send-expect check: send bytes, then match the reply's start."""
+
+    send: bytes = b""
+    expect: bytes | None = None  # the reply must start with these bytes
+    expect_regex: str | None = None  # or match this (bytes regex, from the start)
+
+
+@attrs.frozen
+class HealthConfig:
+    """Active health checking of a pool's servers ([pool.X.health])."""
+
+    type: str = "tcp"  # tcp | send-expect | tls | http | redis | postgres | mysql
+    interval: float = 2.0  # fully up
+    fast_interval: float = 0.5  # changing state
+    down_interval: float = 5.0  # fully down
+    timeout: float = 1.0  # a whole check: connect + exchange
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.1  # fraction of each interval (from "10%")
+    port: int | None = None  # probe this port instead of the server's own
+    initial_state: str = "up"  # "up" | "down"
+    observe: bool = True  # failed client connects count as failed checks
+    slow_start: float = 0.0  # 0: off
+    on_down: str = "keep"  # "keep" | "close"
+    role: str = "any"  # "primary" | "replica" | "any" (redis/postgres/mysql)
+    # send-expect: `send`/`expect`/`expect_regex` keys make one step;
+    # [[pool.X.health.step]] tables make several.
+    steps: tuple[CheckStep, ...] = ()
+    # http
+    path: str = "/"
+    expect_status: tuple[int, ...] = (200,)
+    # postgres / mysql
+    user: str | None = None
+    password_file: str | None = None
+    database: str | None = None
+    # tls check on a pool without [pool.X.tls]
+    verify: bool = False
+    ca: str | None = None
+    server_name: str | None = None
 
 
 @attrs.frozen

@@ -1,0 +1,1 @@
+"""Health checking: active probes, the rise/fall counter, slow start, failover."""

@@ -1,0 +1,1 @@
+"""TLS: termination at the frontends, SNI routing, re-encryption to the servers."""
