@@ -5,85 +5,71 @@ seam, so backend TLS covers checks too), runs its exchange, closes the
 connection cleanly, and fires a :class:`CheckResult`. It never errbacks for a
 failing server: refused connects, bad replies and resets are results with a
 reason in words. The caller applies the check timeout by cancelling the
-Deferred; cancelling must abort the connect attempt or the connection and leave
-no timer or socket behind.
+Deferred; cancelling aborts the connect attempt or the connection, leaves no
+timer or socket behind, and fails the Deferred with ``CancelledError``.
+
+The shared machinery (bounded buffer, clean close, cancellation) is in
+`conversation`; each type is one module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectionRefusedError
-from twisted.internet.protocol import Factory
-from twisted.internet.protocol import Protocol as _TwistedProtocol
-from twisted.python.failure import Failure
+
+from l4lb.health.checks.conversation import (
+    Check,
+    CheckFactory,
+    CheckResult,
+    Conversation,
+    describe_connect_failure,
+    probe,
+)
+from l4lb.health.checks.http import http_check
+from l4lb.health.checks.mysql import mysql_check
+from l4lb.health.checks.postgres import postgres_check
+from l4lb.health.checks.redis import redis_check
+from l4lb.health.checks.sendexpect import send_expect_check
+from l4lb.health.checks.tls import tls_check
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
     from l4lb.config import HealthConfig
 
-
-@attrs.frozen
-class CheckResult:
-    """The outcome of one probe; ``reason`` says why in words, for the log."""
-
-    ok: bool
-    reason: str
-
-
-class Check(Protocol):
-    """Probe a server once through ``endpoint``."""
-
-    def __call__(self, endpoint: IStreamClientEndpoint) -> Deferred[CheckResult]: ...
+__all__ = [
+    "CHECK_TYPES",
+    "Check",
+    "CheckFactory",
+    "CheckResult",
+    "describe_connect_failure",
+    "make_check",
+    "tcp_check",
+]
 
 
-CheckFactory = Callable[["HealthConfig", "IReactorTime"], Check]
-
-
-def describe_connect_failure(failure: Failure) -> str:
-    """A failed connect in the words of a state-change log line."""
-    if failure.check(ConnectionRefusedError):
-        return "connect refused"
-    if failure.check(ConnectError):
-        detail = failure.value.osError or failure.getErrorMessage()
-        return f"connect failed: {detail}"
-    return f"connect failed: {failure.getErrorMessage()}"
-
-
-class _Connected(_TwistedProtocol):
-    def connectionMade(self) -> None:
-        self.transport.loseConnection()
+async def _connected(conversation: Conversation) -> CheckResult:
+    return CheckResult(True, "connected")
 
 
 def tcp_check(config: HealthConfig, clock: IReactorTime) -> Check:
     """Success is an accepted TCP connection, closed again at once."""
 
     def check(endpoint: IStreamClientEndpoint) -> Deferred[CheckResult]:
-        d = endpoint.connect(_ConnectedFactory())
-        d.addCallbacks(
-            lambda _: CheckResult(True, "connected"),
-            lambda f: CheckResult(False, describe_connect_failure(f)),
-        )
-        return d
+        return probe(endpoint, _connected)
 
     return check
 
 
-class _ConnectedFactory(Factory):
-    """Builds connect-and-close probes, without Twisted's per-connect log lines."""
-
-    protocol = _Connected
-    noisy = False
-
-
 CHECK_TYPES: dict[str, CheckFactory] = {
     "tcp": tcp_check,
-    # Filled in by their modules: "send-expect", "tls", "http", "redis",
-    # "postgres", "mysql".
+    "send-expect": send_expect_check,
+    "tls": tls_check,
+    "http": http_check,
+    "redis": redis_check,
+    "postgres": postgres_check,
+    "mysql": mysql_check,
 }
 
 

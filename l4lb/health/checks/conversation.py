@@ -1,0 +1,318 @@
+"""The shape every probe shares: connect, converse, say goodbye, close.
+
+A check type is an ``async def exchange(conversation) -> CheckResult`` that
+writes requests and awaits parsed replies; `probe` runs it against an endpoint.
+The rules that make checks safe to run forever live here, once:
+
+- bytes arrive as callbacks into one bounded buffer (`LIMIT`): a server that
+  streams garbage fails the check instead of growing memory;
+- a parser turns the buffer into a value when enough has arrived, or raises
+  `BadReplyError` when it never will, so ``dataReceived`` creates no Deferreds;
+- a refused connect, a reset, an early close or a bad reply is a failed
+  `CheckResult` with the reason in words, never an errback;
+- whatever the verdict, the exchange's ``goodbye`` bytes (Redis ``QUIT``,
+  PostgreSQL Terminate, MySQL ``COM_QUIT``) are written and the connection is
+  closed, and the result fires only once the socket is gone;
+- cancelling the result (the caller's timeout) aborts the connect attempt or
+  the connection and the Deferred fails with `CancelledError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import attrs
+import structlog
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as _TwistedProtocol
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IAddress,
+        IReactorTime,
+        IStreamClientEndpoint,
+    )
+
+    from l4lb.config import HealthConfig
+
+log = structlog.get_logger("l4lb.health")
+
+T = TypeVar("T")
+
+LIMIT = 64 * 1024
+"""The most unparsed bytes a probe holds; every reply a check reads is far smaller."""
+
+
+@attrs.frozen
+class CheckResult:
+    """The outcome of one probe; ``reason`` says why in words, for the log."""
+
+    ok: bool
+    reason: str
+
+
+class Check(Protocol):
+    """Probe a server once through ``endpoint``."""
+
+    def __call__(self, endpoint: IStreamClientEndpoint) -> Deferred[CheckResult]: ...
+
+
+CheckFactory = Callable[["HealthConfig", "IReactorTime"], Check]
+
+
+class BadReplyError(Exception):
+    """The server answered, but not as a healthy one would; ``reason`` is for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Parser = Callable[[bytearray], "tuple[T, int] | None"]
+"""Reads one reply from the start of the buffer: (value, bytes used), or None
+while more bytes are needed; raises `BadReplyError` when the bytes can never be a
+good reply."""
+
+
+def show(data: bytes, limit: int = 80) -> str:
+    """Server bytes quoted for a log line: the first line, escaped, cut at ``limit``."""
+    line = bytes(data).split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+    cut = len(line) > limit
+    text = line[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return '"' + text.replace('"', '\\"') + ("..." if cut else "") + '"'
+
+
+def describe_connect_failure(failure: Failure) -> str:
+    """A failed connect in the words of a state-change log line."""
+    if failure.check(ConnectionRefusedError):
+        return "connect refused"
+    if failure.check(ConnectError):
+        detail = failure.value.osError or failure.getErrorMessage()
+        return f"connect failed: {detail}"
+    return f"connect failed: {failure.getErrorMessage()}"
+
+
+def describe_lost(reason: Failure) -> str:
+    """Why a connection ended, in words (TLS failures included)."""
+    from l4lb.health.checks.tlswords import describe_tls_failure
+
+    tls = describe_tls_failure(reason)
+    if tls is not None:
+        return tls
+    if reason.check(ConnectionDone):
+        return "server closed the connection"
+    if reason.check(ConnectionLost):
+        message = reason.getErrorMessage()
+        if "reset" in message.lower():
+            return "connection reset by server"
+        return f"connection lost: {message}"
+    return f"connection lost: {reason.getErrorMessage()}"
+
+
+class Conversation(_TwistedProtocol):
+    """One probe connection: a bounded read buffer and one pending read at a time."""
+
+    limit = LIMIT
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.goodbye = b""  # written before closing, set once the server expects it
+        self.received = 0
+        self.is_connected = False
+        self.lost: Failure | None = None
+        self._broken: str | None = None  # why we gave up on the connection
+        self._reader: tuple[Parser[Any], str, Deferred[Any]] | None = None
+        self._close_waiters: list[Deferred[None]] = []
+
+    # -- bytes in (callbacks) ----------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.is_connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._broken is not None:
+            return
+        self.received += len(data)
+        self.buffer += data
+        self._parse()
+        if len(self.buffer) > self.limit and self._broken is None:
+            self._break(f"reply longer than {self.limit} bytes")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.is_connected = False
+        self.lost = reason
+        if self._reader is not None:
+            self._parse()
+        if self._reader is not None:
+            _, what, d = self._reader
+            self._reader = None
+            d.errback(BadReplyError(self._why_unreadable(what)))
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _parse(self) -> None:
+        if self._reader is None:
+            return
+        parse, _, d = self._reader
+        try:
+            got = parse(self.buffer)
+        except BadReplyError as failed:
+            self._reader = None
+            d.errback(failed)
+            return
+        if got is None:
+            return
+        value, used = got
+        del self.buffer[:used]
+        self._reader = None
+        d.callback(value)
+
+    def _break(self, why: str) -> None:
+        self._broken = why
+        self.buffer.clear()
+        if self._reader is not None:
+            _, _, d = self._reader
+            self._reader = None
+            d.errback(BadReplyError(why))
+        self.abort()
+
+    def _why_unreadable(self, what: str) -> str:
+        if self._broken is not None:
+            return self._broken
+        assert self.lost is not None
+        return f"{describe_lost(self.lost)} while waiting for {what}"
+
+    # -- the exchange's side (awaited) ---------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the server (dropped once the connection is gone)."""
+        if self.is_connected:
+            self.transport.write(data)
+
+    def read(self, parse: Parser[T], what: str) -> Deferred[T]:
+        """The next reply as ``parse`` reads it; ``what`` names it in failure reasons."""
+        assert self._reader is None, "one read at a time"
+        d: Deferred[T] = Deferred(lambda _: self.abort())
+        if self._broken is not None:
+            d.errback(BadReplyError(self._broken))
+            return d
+        self._reader = (parse, what, d)
+        self._parse()
+        if self._reader is not None and self.lost is not None:
+            self._reader = None
+            d.errback(BadReplyError(self._why_unreadable(what)))
+        return d
+
+    def finish(self) -> None:
+        """Say goodbye and close: after flushing, so the server sees a clean end."""
+        if self.is_connected:
+            if self.goodbye:
+                self.transport.write(self.goodbye)
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (timeouts, broken servers)."""
+        if self.is_connected:
+            self.transport.abortConnection()
+
+    def closed(self) -> Deferred[None]:
+        """Fires once the connection is gone; cancelling it aborts the connection."""
+        d: Deferred[None] = Deferred(lambda _: self.abort())
+        if self.lost is None:
+            self._close_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+
+Exchange = Callable[[Conversation], Awaitable[CheckResult]]
+
+
+class _Once(Factory):
+    """Hands the endpoint one prepared protocol, without Twisted's per-connect logs."""
+
+    noisy = False
+
+    def __init__(self, protocol: _TwistedProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress) -> _TwistedProtocol:
+        return self._protocol
+
+
+def probe(
+    endpoint: IStreamClientEndpoint,
+    exchange: Exchange,
+    conversation: Conversation | None = None,
+) -> Deferred[CheckResult]:
+    """Connect through ``endpoint``, run ``exchange``, close; the verdict.
+
+    Cancelling the result aborts whatever is in progress (the connect attempt
+    or the connection) and fails it with `CancelledError`.
+    """
+    conv = conversation if conversation is not None else Conversation()
+    return Deferred.fromCoroutine(_probe(endpoint, exchange, conv))
+
+
+async def _probe(
+    endpoint: IStreamClientEndpoint, exchange: Exchange, conv: Conversation
+) -> CheckResult:
+    try:
+        await endpoint.connect(_Once(conv))
+    except (CancelledError, ConnectingCancelledError):
+        raise CancelledError() from None
+    except Exception:
+        return CheckResult(False, describe_connect_failure(Failure()))
+    try:
+        result = await exchange(conv)
+    except BadReplyError as failed:
+        result = CheckResult(False, failed.reason)
+    except CancelledError:
+        raise
+    except Exception as error:  # a bug in a check must not stop health checking
+        log.exception("health check crashed")
+        conv.abort()
+        result = CheckResult(False, f"check error: {error!r}")
+    conv.finish()
+    await conv.closed()
+    return result
+
+
+@attrs.frozen
+class Secret:
+    """A password read once when the check is built (no file I/O per probe).
+
+    ``problem`` says why it could not be read; a check with a problem fails
+    every probe with that reason instead of stopping the service.
+    """
+
+    value: str | None
+    problem: str | None = None
+
+
+def read_secret(path: str | None) -> Secret:
+    """The password in ``path`` (one trailing newline dropped); None without a path."""
+    if path is None:
+        return Secret(None)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        return Secret(None, f"cannot read password_file {path}: {error}")
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    return Secret(text)
