@@ -113,10 +113,8 @@ def describe_lost(reason: Failure) -> str:
     if reason.check(ConnectionDone):
         return "server closed the connection"
     if reason.check(ConnectionLost):
-        message = reason.getErrorMessage()
-        if "reset" in message.lower():
-            return "connection reset by server"
-        return f"connection lost: {message}"
+        # Twisted reports every failed read (ECONNRESET in practice) this way.
+        return "connection reset by server"
     return f"connection lost: {reason.getErrorMessage()}"
 
 
