@@ -10,6 +10,7 @@ the sessions of anybody else using the machine's shared servers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ async def lab() -> Any:
     assert not problems, "left behind by the test:\n" + "\n".join(problems)
 
 
-class _Gone(Exception):
+class _GoneError(Exception):
     """The client closed while the fake server waited for bytes."""
 
 
@@ -49,10 +50,8 @@ class Fake(Peer):
         self._want: tuple[Callable[[bytearray], Any], Deferred[Any]] | None = None
 
     async def _run(self, _: Peer) -> None:
-        try:
+        with contextlib.suppress(_GoneError):
             await self._script(self)
-        except _Gone:
-            pass
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -72,7 +71,7 @@ class Fake(Peer):
         if self._want is not None:
             _, d = self._want
             self._want = None
-            d.errback(_Gone())
+            d.errback(_GoneError())
 
     def take(self, n: int) -> Deferred[bytes]:
         """The client's next ``n`` bytes, once they have arrived."""
@@ -86,7 +85,7 @@ class Fake(Peer):
 
         d: Deferred[bytes] = Deferred()
         if not self.is_connected:
-            d.errback(_Gone())
+            d.errback(_GoneError())
             return d
         self._want = (predicate, d)
         self._check()
