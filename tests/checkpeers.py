@@ -11,7 +11,9 @@ the sessions of anybody else using the machine's shared servers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -23,6 +25,7 @@ from twisted.python.failure import Failure
 
 from l4lb.config import HealthConfig
 from l4lb.health.checks import CheckResult, make_check
+from tests.e2e import port_accepts, stop_process, wait_until
 from tests.loopback import Backend, Lab, Peer
 
 
@@ -149,3 +152,30 @@ async def run_on_fake(lab: Lab, server: Backend, config: HealthConfig) -> CheckR
     result = await run_check(config, endpoint(server.port.getHost().port))
     await lab.until(lambda: not server.live, 5, "the probe's connection to close")
     return result
+
+
+@contextlib.contextmanager
+def redis_server(port: int, workdir: Path, *extra: str) -> Iterator[Any]:
+    """A throwaway redis-server with extra arguments (``--replicaof``, ``--requirepass``)."""
+    args = [
+        "redis-server",
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+        *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir
+    )
+    try:
+        wait_until(
+            lambda: process.poll() is not None or port_accepts("127.0.0.1", port),
+            10,
+            f"redis-server on port {port}",
+        )
+        assert process.poll() is None, f"redis-server exited: {process.returncode}"
+        yield process
+    finally:
+        stop_process(process)
