@@ -126,9 +126,7 @@ class TestRealRedis:
     async def test_master(self, lab: Any, master: int) -> None:
         """A master passes PING, passes role=primary and fails role=replica."""
         ep = Recording(master)
-        assert await run_check(ANY, ep) == (await run_check(ANY, ep)).__class__(
-            True, "PONG"
-        )
+        assert await run_check(ANY, ep) == CheckResult(True, "PONG")
         result = await run_check(PRIMARY, ep)
         assert (result.ok, result.reason) == (True, "role is primary")
         result = await run_check(REPLICA, ep)
