@@ -21,6 +21,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from l4lb.config import HealthConfig
@@ -31,10 +32,25 @@ from tests.loopback import Backend, Lab, Peer
 
 @pytest_twisted.async_yield_fixture
 async def lab() -> Any:
-    """The test's ports and connections; fails the test on anything left behind."""
+    """The test's ports and connections; fails the test on anything left behind.
+
+    Errors Twisted only logs (an exception in a callback) fail the test too.
+    """
+    errors: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        failure = event.get("log_failure")
+        if failure is not None:
+            errors.append(failure.getTraceback())
+
+    globalLogPublisher.addObserver(observe)
     lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
+    try:
+        yield lab
+        problems = await lab.teardown()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    problems += [f"error logged by Twisted: {e}" for e in errors]
     assert not problems, "left behind by the test:\n" + "\n".join(problems)
 
 

@@ -202,7 +202,7 @@ class Conversation(_TwistedProtocol):
     def read(self, parse: Parser[T], what: str) -> Deferred[T]:
         """The next reply as ``parse`` reads it; ``what`` names it in failure reasons."""
         assert self._reader is None, "one read at a time"
-        d: Deferred[T] = Deferred(lambda _: self.abort())
+        d: Deferred[T] = Deferred(self._cancel_read)
         if self._broken is not None:
             d.errback(BadReplyError(self._broken))
             return d
@@ -212,6 +212,11 @@ class Conversation(_TwistedProtocol):
             self._reader = None
             d.errback(BadReplyError(self._why_unreadable(what)))
         return d
+
+    def _cancel_read(self, d: Deferred[Any]) -> None:
+        if self._reader is not None and self._reader[2] is d:
+            self._reader = None
+        self.abort()
 
     def finish(self) -> None:
         """Say goodbye and close: after flushing, so the server sees a clean end."""
@@ -227,12 +232,17 @@ class Conversation(_TwistedProtocol):
 
     def closed(self) -> Deferred[None]:
         """Fires once the connection is gone; cancelling it aborts the connection."""
-        d: Deferred[None] = Deferred(lambda _: self.abort())
+        d: Deferred[None] = Deferred(self._cancel_close_wait)
         if self.lost is None:
             self._close_waiters.append(d)
         else:
             d.callback(None)
         return d
+
+    def _cancel_close_wait(self, d: Deferred[None]) -> None:
+        if d in self._close_waiters:
+            self._close_waiters.remove(d)
+        self.abort()
 
 
 Exchange = Callable[[Conversation], Awaitable[CheckResult]]

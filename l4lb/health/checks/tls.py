@@ -109,7 +109,7 @@ class _Handshake(Conversation):
 
     def handshake(self) -> Deferred[None]:
         """Fires when the handshake completes; fails with why it did not."""
-        d: Deferred[None] = Deferred(lambda _: self.abort())
+        d: Deferred[None] = Deferred(self._cancel_handshake_wait)
         if self.done:
             d.callback(None)
         elif self.lost is not None:
@@ -117,6 +117,11 @@ class _Handshake(Conversation):
         else:
             self._waiter = d
         return d
+
+    def _cancel_handshake_wait(self, d: Deferred[None]) -> None:
+        if self._waiter is d:
+            self._waiter = None
+        self.abort()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
