@@ -382,3 +382,32 @@ class TestFakeMySQL:
     def test_greeting_parse(self) -> None:
         """The v10 greeting gives the version, the 20-byte nonce and the plugin."""
         assert parse_greeting(greeting()) == ("8.0.36-fake", NONCE, NATIVE)
+
+
+class TestGarbage:
+    """Framing that claims huge or broken packets fails instead of buffering."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_huge_packet_header(self, lab: Any) -> None:
+        """A packet header announcing 16 MiB fails at once."""
+
+        async def script(fake: Fake) -> None:
+            fake.write(b"\xff\xff\xff\x00" + b"x" * 100)
+
+        result = await run_on_fake(
+            lab, fake_server(lab, script), HealthConfig(type="mysql")
+        )
+        assert not result.ok
+        assert result.reason.startswith("not a MySQL reply")
+
+    @pytest_twisted.ensureDeferred
+    async def test_truncated_greeting(self, lab: Any) -> None:
+        """A v10 greeting cut short is a failure, not a crash."""
+
+        async def script(fake: Fake) -> None:
+            fake.write(pkt(0, b"\x0a8.0\0\x01"))
+
+        result = await run_on_fake(
+            lab, fake_server(lab, script), HealthConfig(type="mysql")
+        )
+        assert not result.ok

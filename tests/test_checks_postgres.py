@@ -364,3 +364,35 @@ class TestFakePostgres:
             False,
             "server sent an error: FATAL: the database system is starting up (57P03)",
         )
+
+
+class TestGarbage:
+    """Framing that claims huge or broken messages fails instead of buffering."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_huge_message(self, lab: Any) -> None:
+        """A message announcing 1 GiB fails at once."""
+
+        async def script(fake: Fake) -> None:
+            await fake.take(8)
+            fake.write(b"R" + struct.pack("!I", 1 << 30))
+
+        result = await run_on_fake(
+            lab, fake_server(lab, script), HealthConfig(type="postgres")
+        )
+        assert not result.ok
+        assert result.reason.startswith("not a PostgreSQL reply")
+
+    @pytest_twisted.ensureDeferred
+    async def test_short_authentication(self, lab: Any) -> None:
+        """An Authentication message too short for its code is malformed, not a crash."""
+
+        async def script(fake: Fake) -> None:
+            await fake.take(8)
+            fake.write(msg(b"R", b"\x00"))
+
+        result = await run_on_fake(
+            lab, fake_server(lab, script), HealthConfig(type="postgres")
+        )
+        assert not result.ok
+        assert result.reason.startswith("malformed reply")

@@ -311,3 +311,12 @@ class TestCancel:
                     await d
             finally:
                 process.send_signal(signal.SIGCONT)
+
+
+def test_every_type_is_registered() -> None:
+    """Each check type of the configuration has its module in the registry."""
+    from l4lb.health.checks import CHECK_TYPES
+
+    assert set(CHECK_TYPES) == {
+        "tcp", "send-expect", "tls", "http", "redis", "postgres", "mysql",
+    }  # fmt: skip

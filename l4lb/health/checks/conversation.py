@@ -19,6 +19,7 @@ The rules that make checks safe to run forever live here, once:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -35,6 +36,8 @@ from twisted.internet.error import (
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as _TwistedProtocol
 from twisted.python.failure import Failure
+
+from l4lb.health.checks.tlswords import describe_tls_failure
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -105,8 +108,6 @@ def describe_connect_failure(failure: Failure) -> str:
 
 def describe_lost(reason: Failure) -> str:
     """Why a connection ended, in words (TLS failures included)."""
-    from l4lb.health.checks.tlswords import describe_tls_failure
-
     tls = describe_tls_failure(reason)
     if tls is not None:
         return tls
@@ -248,7 +249,7 @@ class Conversation(_TwistedProtocol):
 Exchange = Callable[[Conversation], Awaitable[CheckResult]]
 
 
-class _Once(Factory):
+class OneShotFactory(Factory):
     """Hands the endpoint one prepared protocol, without Twisted's per-connect logs."""
 
     noisy = False
@@ -274,21 +275,38 @@ def probe(
     return Deferred.fromCoroutine(_probe(endpoint, exchange, conv))
 
 
-async def _probe(
-    endpoint: IStreamClientEndpoint, exchange: Exchange, conv: Conversation
-) -> CheckResult:
+async def connect(
+    endpoint: IStreamClientEndpoint, protocol: _TwistedProtocol
+) -> CheckResult | None:
+    """Connect ``protocol``; a failed result when that fails, None when connected.
+
+    A cancelled connect stays a `CancelledError` (the endpoint may report it as
+    ``ConnectingCancelledError``), so the caller's timeout is not a "result".
+    """
     try:
-        await endpoint.connect(_Once(conv))
+        await endpoint.connect(OneShotFactory(protocol))
     except (CancelledError, ConnectingCancelledError):
         raise CancelledError() from None
     except Exception:
         return CheckResult(False, describe_connect_failure(Failure()))
+    return None
+
+
+async def _probe(
+    endpoint: IStreamClientEndpoint, exchange: Exchange, conv: Conversation
+) -> CheckResult:
+    failed_connect = await connect(endpoint, conv)
+    if failed_connect is not None:
+        return failed_connect
     try:
         result = await exchange(conv)
     except BadReplyError as failed:
         result = CheckResult(False, failed.reason)
     except CancelledError:
         raise
+    except (struct.error, IndexError, UnicodeDecodeError) as error:
+        # Framing was right but a field inside was not: the server's fault.
+        result = CheckResult(False, f"malformed reply ({error})")
     except Exception as error:  # a bug in a check must not stop health checking
         log.exception("health check crashed")
         conv.abort()

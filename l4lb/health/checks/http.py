@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol, Request, ResponseDone
@@ -26,8 +25,7 @@ from l4lb.health.checks.conversation import (
     LIMIT,
     Check,
     CheckResult,
-    _Once,
-    describe_connect_failure,
+    connect,
     describe_lost,
 )
 
@@ -120,12 +118,9 @@ def http_check(config: HealthConfig, clock: IReactorTime) -> Check:
 
     async def run(endpoint: IStreamClientEndpoint) -> CheckResult:
         client = _Client()
-        try:
-            await endpoint.connect(_Once(client))
-        except (CancelledError, ConnectingCancelledError):
-            raise CancelledError() from None
-        except Exception:
-            return CheckResult(False, describe_connect_failure(Failure()))
+        failed_connect = await connect(endpoint, client)
+        if failed_connect is not None:
+            return failed_connect
         peer = client.transport.getPeer()
         host = (
             config.server_name

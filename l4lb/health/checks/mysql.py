@@ -176,6 +176,8 @@ def lenenc_int(data: bytes, pos: int) -> tuple[int | None, int]:
         return first, pos + 1
     if first == 0xFB:
         return None, pos + 1
+    if first == 0xFF:
+        raise BadReplyError(f"malformed MySQL reply: {show(data)}")
     size = {0xFC: 2, 0xFD: 3, 0xFE: 8}[first]
     return int.from_bytes(data[pos + 1 : pos + 1 + size], "little"), pos + 1 + size
 

@@ -16,6 +16,7 @@ closes with a TLS ``close_notify`` and a normal TCP close.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -84,7 +85,9 @@ class _Unverified:
 class _Handshake(Conversation):
     """Starts TLS on a plain connection (or waits on an already-TLS one)."""
 
-    def __init__(self, options_for: object) -> None:
+    def __init__(
+        self, options_for: Callable[[str], IOpenSSLClientConnectionCreator]
+    ) -> None:
         super().__init__()
         self._options_for = options_for
         self.started_tls = False
@@ -99,7 +102,7 @@ class _Handshake(Conversation):
             self._break("this connection cannot start TLS")
             return
         self.started_tls = True
-        self.transport.startTLS(self._options_for(self.transport.getPeer().host))  # type: ignore[operator]
+        self.transport.startTLS(self._options_for(self.transport.getPeer().host))
 
     def handshakeCompleted(self) -> None:
         self.done = True
@@ -144,9 +147,9 @@ def tls_check(config: HealthConfig, clock: IReactorTime) -> Check:
             trust_root = load_trust_root(config.ca)
         except (OSError, ValueError) as error:
             problem = f"cannot load ca {config.ca}: {error}"
-    cache: dict[str, object] = {}
+    cache: dict[str, IOpenSSLClientConnectionCreator] = {}
 
-    def options_for(peer_host: str) -> object:
+    def options_for(peer_host: str) -> IOpenSSLClientConnectionCreator:
         name = config.server_name or peer_host
         if name not in cache:
             if config.verify:
