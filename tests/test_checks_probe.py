@@ -320,3 +320,29 @@ def test_every_type_is_registered() -> None:
     assert set(CHECK_TYPES) == {
         "tcp", "send-expect", "tls", "http", "redis", "postgres", "mysql",
     }  # fmt: skip
+
+
+SILENT_SERVER_CONFIGS = [
+    PING,
+    HealthConfig(type="redis", role="primary"),
+    HealthConfig(type="postgres", role="primary"),
+    HealthConfig(type="mysql", role="primary"),
+    HealthConfig(type="http", path="/primary"),
+    HealthConfig(type="tls"),
+]
+
+
+@pytest.mark.parametrize("config", SILENT_SERVER_CONFIGS, ids=lambda c: c.type)
+@pytest_twisted.ensureDeferred
+async def test_cancel_every_type_on_a_silent_server(
+    lab: Any, config: HealthConfig
+) -> None:
+    """Every type, cancelled mid-exchange, fails with CancelledError and leaves nothing."""
+    server = fake_server(lab, silent)
+    d = make_check(config, reactor)(endpoint(server.port.getHost().port))
+    await lab.until(lambda: bool(server.live), 5, "probe connected")
+    await deferLater(reactor, 0.01, lambda: None)  # let the request go out
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    await lab.until(lambda: not server.live, 5, "probe connection closed")
