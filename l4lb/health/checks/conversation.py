@@ -119,6 +119,11 @@ def describe_lost(reason: Failure) -> str:
     return f"connection lost: {reason.getErrorMessage()}"
 
 
+# Errors of a parser or exchange reading a field the framing promised but the
+# server did not send correctly: the server's fault, so a result, not a crash.
+_MALFORMED = (struct.error, IndexError, ValueError, UnicodeDecodeError)
+
+
 class Conversation(_TwistedProtocol):
     """One probe connection: a bounded read buffer and one pending read at a time."""
 
@@ -170,6 +175,10 @@ class Conversation(_TwistedProtocol):
         except BadReplyError as failed:
             self._reader = None
             d.errback(failed)
+            return
+        except _MALFORMED as error:
+            self._reader = None
+            d.errback(BadReplyError(f"malformed reply ({error})"))
             return
         if got is None:
             return
@@ -304,7 +313,7 @@ async def _probe(
         result = CheckResult(False, failed.reason)
     except CancelledError:
         raise
-    except (struct.error, IndexError, UnicodeDecodeError) as error:
+    except _MALFORMED as error:
         # Framing was right but a field inside was not: the server's fault.
         result = CheckResult(False, f"malformed reply ({error})")
     except Exception as error:  # a bug in a check must not stop health checking
