@@ -274,3 +274,42 @@ class TestBackendTLS:
         )
         result = await check_on(lab, backend, config, self.wrapped(pki, backend))
         assert (result.ok, result.reason) == (True, "1 step(s) matched")
+
+    @pytest_twisted.ensureDeferred
+    async def test_http_over_backend_tls(self, lab: Any, pki: PKI) -> None:
+        """The http check speaks HTTPS when the pool's endpoint is TLS."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Primary(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                request.setResponseCode(200 if request.path == b"/primary" else 503)
+                return b"{}"
+
+        site = Site(Primary())
+        site.noisy = False
+        port = reactor.listenSSL(0, site, pki.server_options(), interface="127.0.0.1")
+        try:
+            trust = ssl.Certificate.loadPEM(pem(pki.ca))
+            ep = wrapClientTLS(
+                ssl.optionsForClientTLS(NAME, trustRoot=trust),
+                endpoint(port.getHost().port),
+            )
+            result = await run_check(HealthConfig(type="http", path="/primary"), ep)
+            assert (result.ok, result.reason) == (True, "HTTP status 200")
+            result = await run_check(HealthConfig(type="http", path="/replica"), ep)
+            assert (result.ok, result.reason) == (
+                False,
+                "HTTP status 503, expected 200",
+            )
+            await lab.until(
+                lambda: (
+                    not any(type(r).__name__ == "Server" for r in reactor.getReaders())
+                ),
+                5,
+                "server channels closed",
+            )
+        finally:
+            await port.stopListening()
