@@ -108,6 +108,7 @@ class TestRealMariaDB:
         result = await run_check(HealthConfig(type="mysql", user="root"), ep)
         assert result.ok and result.reason.startswith("logged in to ")
         assert "MariaDB" in result.reason
+        assert "5.5.5-" not in result.reason  # MariaDB's compatibility prefix dropped
         await lab.until(lambda: processlist(ep.ports) == 0, 5, "probe sessions gone")
 
     @pytest_twisted.ensureDeferred

@@ -5,8 +5,9 @@ The server speaks first. An error packet instead of the v10 greeting ("Host
 
 What happens next decides how much the server logs. A client that leaves
 during the handshake is an *aborted connect* to MySQL and MariaDB (counted in
-``Aborted_connects``, logged at higher ``log_warnings``, and it adds to the
-host's ``max_connect_errors`` count, which ends with the host blocked). So:
+``Aborted_connects``, logged at higher ``log_warnings``, and from remote
+hosts counted toward ``max_connect_errors``, which ends with the host
+blocked). So:
 
 - with ``user`` set (always the case with a ``role``; the default user for a
   role check is ``root``), the check logs in (``mysql_native_password``, an
@@ -141,7 +142,10 @@ def parse_greeting(payload: bytes) -> tuple[str, bytes, str]:
     if capabilities & CLIENT_PLUGIN_AUTH:
         name, _ = cstring(payload, pos)
         plugin = name.decode("ascii", "replace") or NATIVE
-    return version.decode("utf-8", "replace"), nonce, plugin
+    text = version.decode("utf-8", "replace")
+    if text.startswith("5.5.5-") and "MariaDB" in text:
+        text = text[len("5.5.5-") :]  # MariaDB's prefix for old replication clients
+    return text, nonce, plugin
 
 
 def handshake_response(
