@@ -114,9 +114,11 @@ class Fake(Peer):
         self.transport.write(data)
 
 
-def fake_server(lab: Lab, script: Callable[[Fake], Awaitable[Any]]) -> Backend:
+def fake_server(
+    lab: Lab, script: Callable[[Fake], Awaitable[Any]], host: str = "127.0.0.1"
+) -> Backend:
     """A listening fake server running ``script`` for each connection."""
-    return lab.backend(lambda: Fake(script, lab))
+    return lab.backend(lambda: Fake(script, lab), host)
 
 
 def endpoint(port: int, host: str = "127.0.0.1") -> TCP4ClientEndpoint:

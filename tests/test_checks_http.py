@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
+from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -98,6 +99,34 @@ class TestPatroni:
         assert result.ok
         assert leader.requests[-1][1] == b"db1.example"
         await lab.until(lambda: no_server_channels(), 5, "server channels closed")
+
+
+class TestHostHeader:
+    """The Host header names the server the way HTTP wants it."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_ipv6_in_brackets(self, lab: Any) -> None:
+        """An IPv6 server address is bracketed, with its port."""
+        seen: list[bytes] = []
+
+        async def script(fake: Fake) -> None:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += await fake.take(1)
+            seen.append(head)
+            fake.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            fake.transport.loseConnection()
+
+        server = fake_server(lab, script, host="::1")
+        port = server.port.getHost().port
+        ep = TCP6ClientEndpoint(reactor, "::1", port)
+        result = await run_check(HealthConfig(type="http"), ep)
+        assert (result.ok, result.reason) == (True, "HTTP status 200")
+        assert seen[0].startswith(b"GET / HTTP/1.1\r\n")
+        assert f"\r\nhost: [::1]:{port}\r\n".encode() in seen[0].lower()
+        await lab.until(lambda: not server.live, 5, "closed")
 
 
 class TestBadServers:

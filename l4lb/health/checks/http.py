@@ -114,6 +114,17 @@ def _describe_http_failure(failure: Failure, client: _Client) -> str:
 def http_check(config: HealthConfig, clock: IReactorTime) -> Check:
     """GET ``config.path``; success when the status is in ``config.expect_status``."""
     path = config.path.encode("ascii")
+
+    def host_header(peer: Any) -> bytes:
+        """``server_name``, else the address connected to (IPv6 in brackets)."""
+        if config.server_name:
+            return config.server_name.encode("idna")
+        host = getattr(peer, "host", None)
+        if host is None:  # a unix socket
+            return b"localhost"
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{peer.port}".encode("ascii")
+
     wanted = " or ".join(str(s) for s in config.expect_status)
 
     async def run(endpoint: IStreamClientEndpoint) -> CheckResult:
@@ -121,13 +132,11 @@ def http_check(config: HealthConfig, clock: IReactorTime) -> Check:
         failed_connect = await connect(endpoint, client)
         if failed_connect is not None:
             return failed_connect
-        peer = client.transport.getPeer()
-        host = (
-            config.server_name
-            or f"{getattr(peer, 'host', 'localhost')}:{getattr(peer, 'port', '')}"
-        )
         headers = Headers(
-            {b"host": [host.encode("idna")], b"user-agent": [b"l4lb-health"]}
+            {
+                b"host": [host_header(client.transport.getPeer())],
+                b"user-agent": [b"l4lb-health"],
+            }
         )
         request = Request(b"GET", path, headers, None, persistent=False)
         result: CheckResult
