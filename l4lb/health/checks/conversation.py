@@ -325,6 +325,15 @@ async def _probe(
     return result
 
 
+def role_verdict(want: str, role: str, link_up: bool) -> CheckResult:
+    """Whether a server in ``role`` is what a pool that wants ``want`` needs."""
+    if role != want:
+        return CheckResult(False, f"role is {role}, pool wants {want}")
+    if role == "replica" and not link_up:
+        return CheckResult(False, "role is replica with its link to the master down")
+    return CheckResult(True, f"role is {role}")
+
+
 @attrs.frozen
 class Secret:
     """A password read once when the check is built (no file I/O per probe).

@@ -39,9 +39,9 @@ from l4lb.health.checks.conversation import (
     Conversation,
     probe,
     read_secret,
+    role_verdict,
     show,
 )
-from l4lb.health.checks.redis import role_verdict
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint

@@ -24,6 +24,7 @@ from l4lb.health.checks.conversation import (
     Conversation,
     probe,
     read_secret,
+    role_verdict,
     show,
 )
 
@@ -145,15 +146,6 @@ def info_role(text: bytes) -> tuple[str, bool]:
     if role == "slave":
         return "replica", fields.get("master_link_status") == "up"
     return role, False
-
-
-def role_verdict(want: str, role: str, link_up: bool) -> CheckResult:
-    """Whether a server in ``role`` is what a pool that wants ``want`` needs."""
-    if role != want:
-        return CheckResult(False, f"role is {role}, pool wants {want}")
-    if role == "replica" and not link_up:
-        return CheckResult(False, "role is replica with its link to the master down")
-    return CheckResult(True, f"role is {role}")
 
 
 def redis_check(config: HealthConfig, clock: IReactorTime) -> Check:
