@@ -979,6 +979,7 @@ _GLOBAL = _Section(
     },
 )
 
+
 def _alpn_list(value: object) -> tuple[str, ...]:
     """ALPN protocol names: a list of non-empty strings of at most 255 bytes."""
     if not isinstance(value, list):
@@ -1005,12 +1006,12 @@ def _finish_frontend_tls(
     usable = "certificates" in values
     if "certificates" not in raw:
         ctx.report(_join(path, "certificates"), _NO_CERTIFICATES.format())
-    if "client_auth" in raw and "client_ca" not in raw:
+    if "client_auth" in values and "client_ca" not in raw:
         ctx.report(
             _join(path, "client_auth"),
             "needs client_ca (the CA that signs client certificates)",
         )
-    if "plaintext" in raw and "starttls" not in raw:
+    if "plaintext" in values and "starttls" not in raw:
         ctx.report(
             _join(path, "plaintext"),
             "has no effect without starttls (a TLS-only frontend has no plaintext)",
