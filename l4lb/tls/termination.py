@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
@@ -56,7 +55,6 @@ from l4lb.tls.certificates import (
 )
 
 if TYPE_CHECKING:
-    from cryptography import x509
     from twisted.internet.interfaces import IDelayedCall
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -94,11 +92,10 @@ class _Generation:
             load_certificate(entry, f"{where}.certificates[{index}]", now)
             for index, entry in enumerate(config.certificates)
         )
-        ca: tuple[x509.Certificate, ...] = ()
         if config.client_ca is not None:
-            ca = load_ca_certificates(config.client_ca, f"{where}.client_ca")
+            load_ca_certificates(config.client_ca, f"{where}.client_ca")
         self.contexts: tuple[SSL.Context, ...] = tuple(
-            self._context(config, where, certificate, ca, session_id)
+            self._context(config, certificate, session_id)
             for certificate in self.certificates
         )
         self._names = [certificate.names for certificate in self.certificates]
@@ -106,9 +103,7 @@ class _Generation:
     def _context(
         self,
         config: FrontendTLSConfig,
-        where: str,
         certificate: LoadedCertificate,
-        ca: Sequence[x509.Certificate],
         session_id: bytes,
     ) -> SSL.Context:
         try:
@@ -126,14 +121,12 @@ class _Generation:
             # tickets (OpenSSL's default); one id context for every certificate.
             ctx.set_session_id(session_id)
             ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-            if ca:
-                store = ctx.get_cert_store()
-                assert store is not None
-                for authority in ca:
-                    store.add_cert(X509.from_cryptography(authority))
-                ctx.set_client_ca_list(
-                    [X509.from_cryptography(a).get_subject() for a in ca]
-                )
+            if config.client_ca is not None:
+                # Files already parsed by load_ca_certificates (clear errors);
+                # OpenSSL reads them again for the trust store and the list of
+                # CA names sent in the CertificateRequest.
+                ctx.load_verify_locations(config.client_ca)
+                ctx.load_client_ca(config.client_ca.encode())
                 mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
                 if config.client_auth == "required":
                     mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
