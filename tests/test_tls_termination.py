@@ -544,8 +544,7 @@ class TestIntegrity:
 
         backend = lab.backend(lambda: lab.peer(send))
         lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
-        client = await tls_connect(lab, lb.port, pki, lab.peer())
-        client.transport.pauseProducing()
+        client = await tls_connect(lab, lb.port, pki, StopReading())
         await lab.until(lambda: backend.peers and lb.frontend.sessions, what="spliced")
         server = backend.peers[0]
         (session,) = lb.frontend.sessions
@@ -624,11 +623,15 @@ class TestClosing:
 
 
 class StopReading(Peer):
-    """A client that stops reading after its first bytes (after the handshake)."""
+    """A client that stops reading at its first bytes (so after the handshake)."""
+
+    stopped = False
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
-        self.transport.pauseProducing()
+        if not self.stopped:
+            self.stopped = True
+            self.transport.pauseProducing()
 
 
 class TestReload:
