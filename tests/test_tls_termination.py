@@ -444,6 +444,23 @@ class TestClientCertificates:
         (line,) = closed_lines(logs)
         assert ("tls_client_subject" in line) is with_cert
 
+    @pytest_twisted.ensureDeferred
+    async def test_optional_still_refuses_an_untrusted_certificate(
+        self, lab: Lab, pki: PKI
+    ) -> None:
+        """ "optional" admits no certificate, not a certificate that fails to verify."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=self.mtls(pki, "optional"))
+        with capture_logs() as logs:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await threads.deferToThread(
+                    python_client, lb.port, pki.ca_path, cert=pki.mallory
+                )
+            await drained(lab, lb)
+        (line,) = closed_lines(logs)
+        assert line["reason"] == "handshake failed"
+        assert backend.peers == []
+
     @needs_openssl
     @pytest_twisted.ensureDeferred
     async def test_openssl_client_certificate(self, lab: Lab, pki: PKI) -> None:
