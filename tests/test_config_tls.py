@@ -5,7 +5,11 @@ Parsing is pure (no file is opened); file checks are in test_tls_certificates.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l4lb.config import (
     CertificateConfig,
@@ -15,7 +19,7 @@ from l4lb.config import (
     load_config,
     parse_config,
 )
-from tests.test_config import EXAMPLE
+from tests.test_config import EXAMPLE, dump
 
 SOURCE = "etc/tls.toml"
 TLS_EXAMPLE = EXAMPLE.parent / "tls.toml"
@@ -214,3 +218,56 @@ class TestProblems:
         with pytest.raises(ConfigError) as caught:
             parse_config(text('min_version = "1.0"'), SOURCE)
         assert isinstance(caught.value.problems[0], Problem)
+
+
+_TLS_KEYS = st.sampled_from(
+    [
+        "certificates",
+        "cert",
+        "key",
+        "min_version",
+        "ciphers",
+        "alpn",
+        "client_ca",
+        "client_auth",
+        "handshake_timeout",
+        "starttls",
+        "plaintext",
+        "x",
+    ]
+)
+_TLS_LEAVES = st.one_of(
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(["1.2", "1.3", "required", "optional", "postgres", "10s", "a"]),
+)
+_TLS_VALUES = st.recursive(
+    _TLS_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(_TLS_KEYS, inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+class TestRobustness:
+    @settings(max_examples=300)
+    @given(st.dictionaries(_TLS_KEYS, _TLS_VALUES, max_size=6))
+    def test_any_tls_table_parses_or_reports(self, table: dict[str, Any]) -> None:
+        """Any [frontend.X.tls] content gives a FrontendTLSConfig or ConfigError."""
+        document = text("", pair=False).replace("[frontend.f.tls]\n", "")
+        document = document.replace(
+            'pool = "p"\n', f'pool = "p"\ntls = {dump(table)}\n', 1
+        )
+        try:
+            cfg = parse_config(document, SOURCE)
+        except ConfigError as error:
+            assert error.problems
+            assert all(p.key.startswith("frontend.f.tls") for p in error.problems), [
+                str(p) for p in error.problems
+            ]
+        else:
+            tls = cfg.frontend("f").tls
+            assert tls is not None and tls.certificates

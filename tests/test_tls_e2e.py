@@ -7,9 +7,11 @@ come from `tests.tls_material`, generated per test.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,4 +146,30 @@ class TestStart:
         (warning,) = runner.events("certificate expires soon")
         assert warning["level"] == "warning"
         assert warning["key"] == "frontend.tls.tls.certificates[0].cert"
+        assert runner.terminate() in CLEAN_EXIT
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="no redis-cli")
+class TestRedisCli:
+    def test_redis_cli_tls(self, tmp_path: Path, redis_port: int, runner: L4LB) -> None:
+        """redis-cli --tls (verifying the CA, with SNI) runs real commands through l4lb."""
+        pki = TLSMaterial(tmp_path / "pki")
+        db = pki.server("db", "db.example.com")
+        assert db.cert_path is not None and db.key_path is not None
+        runner.start(config(redis_port, db.cert_path, db.key_path), ready=listening)
+        host, port = runner.address("tls")
+        base = ["redis-cli", "--tls", "--cacert", str(pki.ca.cert_path)]
+        base += ["--sni", "db.example.com", "-h", host, "-p", str(port)]
+        for command, expected in [
+            (["SET", "tls-key", "through l4lb"], "OK"),
+            (["GET", "tls-key"], "through l4lb"),
+        ]:
+            done = subprocess.run(
+                base + command, capture_output=True, text=True, timeout=20, check=False
+            )
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == expected, done.stdout + done.stderr
+        lines = runner.wait_for_closed(2)
+        assert {line["tls_sni"] for line in lines} == {"db.example.com"}
+        assert {line["tls_version"] for line in lines} == {"TLSv1.3"}
         assert runner.terminate() in CLEAN_EXIT
