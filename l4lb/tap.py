@@ -54,8 +54,9 @@ class Options(usage.Options):
         errors, self.tls_warnings = check_certificates(self.config)
         for problem in errors:
             print(problem, file=sys.stderr)
-        for problem in self.tls_warnings:
-            print(f"warning: {problem}", file=sys.stderr)
+        if self["check"]:  # at start they are logged instead (makeService)
+            for problem in self.tls_warnings:
+                print(f"warning: {problem}", file=sys.stderr)
         if errors:
             print(f"{path}: {len(errors)} problem(s) found", file=sys.stderr)
             raise SystemExit(1)
