@@ -186,3 +186,19 @@ class TestNoHalfClose:
         transport.lose()
         assert server_transport.value() == b"last words"
         assert server_transport.disconnecting
+
+
+class TestShutdown:
+    def test_shutdown_during_the_handshake(self) -> None:
+        """A graceful stop closes a client still in its handshake, reason "shutdown"."""
+        h = harness()
+        _, transport = accept(h)
+        (session,) = h.frontend.sessions
+        with capture_logs() as logs:
+            session.close("shutdown", abort=True)
+            assert transport.disconnected
+            transport.lose()
+        (line,) = closed_lines(logs)
+        assert line["reason"] == "shutdown"
+        assert h.cap.live == 0
+        assert h.clock.getDelayedCalls() == []

@@ -510,6 +510,21 @@ class TestHandshakeTimeout:
         assert backend.peers == []
 
     @pytest_twisted.ensureDeferred
+    async def test_plaintext_client_is_refused(self, lab: Lab, pki: PKI) -> None:
+        """A client speaking plain RESP to a TLS port is closed; no server is used."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
+        with capture_logs() as logs:
+            client = await lab.connect(lb.port, lab.peer(close_on_eof=True))
+            client.transport.write(b"PING\r\n")
+            await lab.wait(client.closed.wait(), 5, "client closed by l4lb")
+            await drained(lab, lb)
+        (line,) = closed_lines(logs)
+        assert line["reason"] == "handshake failed"
+        assert line["detail"]  # OpenSSL's reason, e.g. "wrong version number"
+        assert backend.peers == []
+
+    @pytest_twisted.ensureDeferred
     async def test_handshake_counts_against_the_cap(self, lab: Lab, pki: PKI) -> None:
         """A client in its handshake holds a connection slot (caps stay exact)."""
         backend = lab.backend(lab.echo)
