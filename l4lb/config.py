@@ -59,6 +59,10 @@ __all__ = [
 
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TLS_VERSIONS = ("1.2", "1.3")
+CLIENT_AUTH = ("required", "optional")
+STARTTLS_PROTOCOLS = ("postgres",)
+PLAINTEXT_POLICIES = ("refuse", "allow")
 
 # Sanity cap for counts: keeps absurd values (and OverflowError in listen())
 # out of the runtime.
@@ -975,6 +979,77 @@ _GLOBAL = _Section(
     },
 )
 
+
+def _alpn_list(value: object) -> tuple[str, ...]:
+    """ALPN protocol names: a list of non-empty strings of at most 255 bytes."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of strings, got {_describe(value)}")
+    names: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"item {index}: expected a string, got {_describe(item)}")
+        if not item:
+            raise ValueError(f"item {index}: must not be empty")
+        if len(item.encode()) > 255:
+            raise ValueError(f"item {index}: longer than 255 bytes")
+        if item in names:
+            raise ValueError(f"item {index}: {_quote(item)} is listed twice")
+        names.append(item)
+    return tuple(names)
+
+
+def _finish_frontend_tls(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """At least one certificate; ``client_auth`` needs ``client_ca``; ``plaintext``
+    needs ``starttls``."""
+    usable = "certificates" in values
+    if "certificates" not in raw:
+        ctx.report(_join(path, "certificates"), _NO_CERTIFICATES.format())
+    if "client_auth" in values and "client_ca" not in raw:
+        ctx.report(
+            _join(path, "client_auth"),
+            "needs client_ca (the CA that signs client certificates)",
+        )
+    if "plaintext" in values and "starttls" not in raw:
+        ctx.report(
+            _join(path, "plaintext"),
+            "has no effect without starttls (a TLS-only frontend has no plaintext)",
+        )
+    return usable
+
+
+_NO_CERTIFICATES = (
+    "at least one certificate is required"
+    ' (certificates = [{{ cert = "...", key = "..." }}])'
+)
+
+_CERTIFICATE = _Section(
+    CertificateConfig,
+    {
+        "cert": _Key(_Scalar(_string), required=True),
+        "key": _Key(_Scalar(_string), required=True),
+    },
+)
+
+_FRONTEND_TLS = _Section(
+    FrontendTLSConfig,
+    {
+        # Not `required`: checked in _finish_frontend_tls, so the other
+        # cross-key checks still run when the certificates are missing.
+        "certificates": _Key(_Array(_CERTIFICATE, empty=_NO_CERTIFICATES)),
+        "min_version": _Key(_Scalar(_choice(TLS_VERSIONS))),
+        "ciphers": _Key(_Scalar(_string)),
+        "alpn": _Key(_Scalar(_alpn_list)),
+        "client_ca": _Key(_Scalar(_string)),
+        "client_auth": _Key(_Scalar(_choice(CLIENT_AUTH))),
+        "handshake_timeout": _Key(_Scalar(_duration())),
+        "starttls": _Key(_Scalar(_choice(STARTTLS_PROTOCOLS))),
+        "plaintext": _Key(_Scalar(_choice(PLAINTEXT_POLICIES))),
+    },
+    finish=_finish_frontend_tls,
+)
+
 _FRONTEND = _Section(
     FrontendConfig,
     {
@@ -984,6 +1059,7 @@ _FRONTEND = _Section(
         "idle_timeout": _Key(_Scalar(_duration())),
         "half_closed_timeout": _Key(_Scalar(_duration())),
         "backlog": _Key(_Scalar(_integer(1))),
+        "tls": _Key(_Table(_FRONTEND_TLS)),
     },
     finish=_finish_frontend,
 )

@@ -17,11 +17,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
 from l4lb.proxy import ClientProtocol, EndpointForServer, Session, format_address
+from l4lb.tls.termination import ServerTLS, TLSClientProtocol
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
         IAddress,
         IListeningPort,
+        IProtocolFactory,
         IReactorTime,
     )
 
@@ -80,8 +82,10 @@ class Frontend(ServerFactory):
         clock: IReactorTime,
         endpoint_for: EndpointForServer,
         cap: ConnectionCap,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls  # set: TLS termination (l4lb.tls.termination)
         self.name = config.name
         self.pool = pool
         self.clock = clock
@@ -97,9 +101,20 @@ class Frontend(ServerFactory):
         self._pause_reported_at: float | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
-        protocol = ClientProtocol(self)
+        protocol = (TLSClientProtocol if self.terminates_tls else ClientProtocol)(self)
         protocol.factory = self
         return protocol
+
+    @property
+    def terminates_tls(self) -> bool:
+        """TLS from the first byte (not negotiated inside another protocol)."""
+        return self.tls is not None and self.tls.config.starttls is None
+
+    def listening_factory(self) -> IProtocolFactory:
+        """The factory the listening port uses: this one, behind TLS if terminating."""
+        if self.terminates_tls:
+            return self.tls.wrap(self)  # type: ignore[union-attr]
+        return self
 
     # Sessions report here.
 
@@ -209,7 +224,7 @@ class FrontendService(Service):
         super().privilegedStartService()
         config = self.frontend.config
         endpoint = serverFromString(self.reactor, config.endpoint)
-        listening = endpoint.listen(self.frontend)
+        listening = endpoint.listen(self.frontend.listening_factory())
         failures: list[BaseException] = []
         listening.addCallbacks(
             self.frontend.listening, lambda f: failures.append(f.value)

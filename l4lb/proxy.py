@@ -82,6 +82,8 @@ class ClientProtocol(Protocol):
     """The accepted client side of a session."""
 
     session: Session
+    # False for TLS clients: no half-close, a server FIN closes with close_notify.
+    can_half_close = True
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -97,6 +99,9 @@ class ClientProtocol(Protocol):
         session.bytes_from_client += len(data)
         session.last_activity = session.clock.seconds()
         session.server.transport.write(data)
+
+    def spliced(self) -> None:
+        """Hook: the backend is connected, just before the client is resumed."""
 
     def readConnectionLost(self) -> None:
         self.session.client_eof()
@@ -170,6 +175,8 @@ class Session:
         self.retries = 0
         self.reason: str | None = None
         self.detail: str | None = None
+        # Extra fields for the "connection closed" line (TLS version, SNI, ...).
+        self.log_fields: dict[str, object] = {}
         self._client_eof = False
         self._server_eof = False
         self._client_gone = False
@@ -184,8 +191,14 @@ class Session:
 
     # -- 1. start ----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, connect: bool = True) -> None:
+        """Count the session in; with ``connect=False`` the caller calls
+        `connect_now` later (TLS: once the client's handshake has succeeded)."""
         self.frontend.session_started(self)
+        if connect:
+            self.connect_now()
+
+    def connect_now(self) -> None:
         connecting = Deferred.fromCoroutine(self.connect())
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
@@ -284,6 +297,7 @@ class Session:
         self._client_paces_server = True
         client_transport.registerProducer(server_transport, True)
         self._server_paces_client = True
+        self.client.spliced()
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
         self._arm_timer()
@@ -310,6 +324,10 @@ class Session:
         self._unpace_client()
         if self._client_eof:
             self._close_both()
+        elif not self.client.can_half_close:
+            # TLS: flush, close_notify, close; abort a client that does not read.
+            self.client.transport.loseConnection()
+            self._linger()
         else:
             self.client.transport.loseWriteConnection()
             self._arm_timer()
@@ -469,6 +487,7 @@ class Session:
         }
         if self.detail:
             fields["detail"] = self.detail
+        fields.update(self.log_fields)
         log.info("connection closed", **fields)
         # Last: this may complete a graceful stop, whose summary must come after.
         self.frontend.session_finished(self)

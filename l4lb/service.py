@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.tls.termination import ServerTLS
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamClientEndpoint
@@ -124,8 +125,11 @@ class L4LBService(MultiService):
         self.cap = ConnectionCap(config.global_.max_connections)
         self.frontends: dict[str, Frontend] = {}
         for fe in config.frontends:
+            tls = None
+            if fe.tls is not None:  # files were checked by tap; CertificateError if bad
+                tls = ServerTLS(fe.tls, f"frontend.{fe.name}.tls")
             frontend = Frontend(
-                fe, self.pools[fe.pool], reactor, endpoint_for, self.cap
+                fe, self.pools[fe.pool], reactor, endpoint_for, self.cap, tls=tls
             )
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
@@ -185,6 +189,33 @@ class L4LBService(MultiService):
                 signal.signal(signum, handler)
 
         self.reactor.addSystemEventTrigger("after", "startup", wrap)
+
+    def install_reload_signal(self) -> None:
+        """SIGHUP re-reads the TLS certificate files (`reload_tls`).
+
+        The handler only schedules the reload on the reactor thread. Twisted
+        leaves SIGHUP alone, whose default action would end the process.
+        """
+
+        def handler(number: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload_tls)
+
+        signal.signal(signal.SIGHUP, handler)
+
+    def reload_tls(self) -> dict[str, bool]:
+        """Every TLS frontend re-reads its certificate and key files.
+
+        New handshakes use the new certificates; live connections keep theirs;
+        a frontend whose new files are bad keeps its old ones (and logs why).
+        Returns, per frontend name, whether its reload succeeded. Meant for
+        SIGHUP and for an admin API.
+        """
+        log.info("reloading tls certificates")
+        return {
+            name: frontend.tls.reload()
+            for name, frontend in self.frontends.items()
+            if frontend.tls is not None
+        }
 
     def _close_now(self, signum: int) -> None:
         sessions = self.live_sessions()

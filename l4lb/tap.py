@@ -8,10 +8,11 @@ from typing import Any
 import structlog
 from twisted.python import usage
 
-from l4lb.config import Config, ConfigError, load_config, parse_config
+from l4lb.config import Config, ConfigError, Problem, load_config, parse_config
 from l4lb.demo import DemoBackends
 from l4lb.logs import TwistedBridge, configure_logging
 from l4lb.service import L4LBService
+from l4lb.tls.certificates import check_config as check_certificates
 
 
 class Options(usage.Options):
@@ -35,6 +36,7 @@ class Options(usage.Options):
     ]
 
     config: Config | None = None
+    tls_warnings: list[Problem] = []  # certificates expiring soon, logged at start
 
     def postOptions(self) -> None:
         if self["demo"]:
@@ -49,6 +51,15 @@ class Options(usage.Options):
                 print(problem, file=sys.stderr)
             print(f"{path}: {len(e.problems)} problem(s) found", file=sys.stderr)
             raise SystemExit(1) from None
+        errors, self.tls_warnings = check_certificates(self.config)
+        for problem in errors:
+            print(problem, file=sys.stderr)
+        if self["check"]:  # at start they are logged instead (makeService)
+            for problem in self.tls_warnings:
+                print(f"warning: {problem}", file=sys.stderr)
+        if errors:
+            print(f"{path}: {len(errors)} problem(s) found", file=sys.stderr)
+            raise SystemExit(1)
         if self["check"]:
             print(f"{path}: configuration is valid")
             raise SystemExit(0)
@@ -72,11 +83,16 @@ def makeService(options: Options, reactor: Any = None) -> L4LBService:
     foreground = _foreground(options)
     level = config.global_.log_level
     configure_logging(config.global_.log_format, level, to_twisted=not foreground)
+    for problem in options.tls_warnings:
+        structlog.get_logger("l4lb.tls").warning(
+            "certificate expires soon", key=problem.key, error=problem.message
+        )
     service = L4LBService(
         config, reactor, log_observer=TwistedBridge(level) if foreground else None
     )
     if getattr(options, "parent", None) is not None:  # under twistd, not in tests
         service.install_second_signal()
+        service.install_reload_signal()
     if demo is not None:
         demo.setServiceParent(service)
         listen = options["demo-listen"]
