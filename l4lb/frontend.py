@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from l4lb.config import FrontendConfig
     from l4lb.pool import Pool
+    from l4lb.tls.passthrough import SniRouter
 
 log = structlog.get_logger("l4lb.frontend")
 
@@ -76,14 +77,15 @@ class Frontend(ServerFactory):
     def __init__(
         self,
         config: FrontendConfig,
-        pool: Pool,
+        pool: Pool | None,
         clock: IReactorTime,
         endpoint_for: EndpointForServer,
         cap: ConnectionCap,
     ) -> None:
         self.config = config
         self.name = config.name
-        self.pool = pool
+        self.pool = pool  # None: only SNI routes, unmatched clients are refused
+        self.router: SniRouter | None = None  # route_by_sni picks a pool per client
         self.clock = clock
         self.endpoint_for = endpoint_for
         self.cap = cap
@@ -228,7 +230,7 @@ class FrontendService(Service):
             frontend=config.name,
             listen=config.listen,
             address=format_address(address),
-            pool=self.frontend.pool.name,
+            pool=self.frontend.pool.name if self.frontend.pool else None,
         )
 
     def startService(self) -> None:

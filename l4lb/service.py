@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.tls.backend import BackendTLS
+from l4lb.tls.passthrough import SniRouter
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamClientEndpoint
@@ -114,19 +116,31 @@ class L4LBService(MultiService):
         self.pools: dict[str, Pool] = {p.name: Pool(p, reactor) for p in config.pools}
         if endpoint_for is None:
             endpoints: dict[ServerState, IStreamClientEndpoint] = {}
+            # [pool.X.tls]: each server of the pool is reached through TLS.
+            tls: dict[ServerState, BackendTLS] = {}
+            for pool_config in config.pools:
+                if pool_config.tls is not None:
+                    pool_tls = BackendTLS(pool_config, reactor)
+                    tls.update(
+                        dict.fromkeys(self.pools[pool_config.name].servers, pool_tls)
+                    )
 
             def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
                 if server not in endpoints:
-                    endpoints[server] = client_endpoint(reactor, server.config.address)
+                    endpoint = client_endpoint(reactor, server.config.address)
+                    if server in tls:
+                        endpoint = tls[server].wrap(server, endpoint)
+                    endpoints[server] = endpoint
                 return endpoints[server]
 
         self.endpoint_for = endpoint_for
         self.cap = ConnectionCap(config.global_.max_connections)
         self.frontends: dict[str, Frontend] = {}
         for fe in config.frontends:
-            frontend = Frontend(
-                fe, self.pools[fe.pool], reactor, endpoint_for, self.cap
-            )
+            default = self.pools[fe.pool] if fe.pool is not None else None
+            frontend = Frontend(fe, default, reactor, endpoint_for, self.cap)
+            if fe.route_by_sni:
+                frontend.router = SniRouter(fe, self.pools, default, reactor)
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
         self._stopping = False

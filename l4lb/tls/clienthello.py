@@ -67,7 +67,7 @@ class Malformed:
 Result = ClientHello | NeedMore | NotTLS | Malformed
 
 
-class _Bad(Exception):
+class _BadHelloError(Exception):
     """Internal: the message is malformed (never leaves this module)."""
 
 
@@ -83,7 +83,7 @@ class _Reader:
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.remaining():
-            raise _Bad(f"{what} runs past the end of its container")
+            raise _BadHelloError(f"{what} runs past the end of its container")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -116,7 +116,11 @@ def parse_client_hello(data: bytes) -> Result:
     while True:
         if len(data) - pos < 5:
             return _more(data, pos)
-        kind, major, length = data[pos], data[pos + 1], data[pos + 3] << 8 | data[pos + 4]
+        kind, major, length = (
+            data[pos],
+            data[pos + 1],
+            data[pos + 3] << 8 | data[pos + 4],
+        )
         if kind != _HANDSHAKE:
             return Malformed(
                 f"record of type {kind} before the ClientHello was complete"
@@ -145,7 +149,7 @@ def parse_client_hello(data: bytes) -> Result:
             if len(message) >= 4 + body_length:
                 try:
                     name, alpn = _parse_body(bytes(message[4 : 4 + body_length]))
-                except _Bad as e:
+                except _BadHelloError as e:
                     return Malformed(str(e))
                 return ClientHello(name, alpn, pos)
 
@@ -163,21 +167,21 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     reader = _Reader(body)
     version = reader.uint(2, "client version")
     if version >> 8 != 3:
-        raise _Bad(f"client version 0x{version:04x} is not TLS")
+        raise _BadHelloError(f"client version 0x{version:04x} is not TLS")
     reader.take(32, "random")
     session_id = reader.vector(1, "session id")
     if session_id.remaining() > 32:
-        raise _Bad("session id longer than 32 bytes")
+        raise _BadHelloError("session id longer than 32 bytes")
     suites = reader.vector(2, "cipher suites")
     if suites.remaining() == 0 or suites.remaining() % 2:
-        raise _Bad("cipher suite list is empty or of odd length")
+        raise _BadHelloError("cipher suite list is empty or of odd length")
     if reader.vector(1, "compression methods").remaining() == 0:
-        raise _Bad("compression method list is empty")
+        raise _BadHelloError("compression method list is empty")
     if reader.remaining() == 0:
         return None, ()  # no extensions at all (old clients)
     extensions = reader.vector(2, "extensions")
     if reader.remaining():
-        raise _Bad("bytes after the extensions")
+        raise _BadHelloError("bytes after the extensions")
     seen: set[int] = set()
     name: str | None = None
     alpn: tuple[str, ...] = ()
@@ -185,7 +189,7 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
         kind = extensions.uint(2, "extension type")
         ext = extensions.vector(2, f"extension {kind}")
         if kind in seen:
-            raise _Bad(f"extension {kind} appears twice")
+            raise _BadHelloError(f"extension {kind} appears twice")
         seen.add(kind)
         if kind == _EXT_SERVER_NAME:
             name = _server_name(ext)
@@ -197,7 +201,7 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
 def _server_name(ext: _Reader) -> str | None:
     names = ext.vector(2, "server name list")
     if ext.remaining():
-        raise _Bad("bytes after the server name list")
+        raise _BadHelloError("bytes after the server name list")
     host: str | None = None
     while names.remaining():
         name_type = names.uint(1, "server name type")
@@ -205,15 +209,17 @@ def _server_name(ext: _Reader) -> str | None:
         if name_type != 0:
             continue  # unknown name types are skipped, per RFC 6066
         if host is not None:
-            raise _Bad("more than one host name in server_name")
+            raise _BadHelloError("more than one host name in server_name")
         if not value:
-            raise _Bad("empty host name in server_name")
+            raise _BadHelloError("empty host name in server_name")
         try:
             text = value.decode("ascii")
         except UnicodeDecodeError:
-            raise _Bad("host name in server_name is not ASCII") from None
+            raise _BadHelloError("host name in server_name is not ASCII") from None
         if not text.isprintable() or " " in text:
-            raise _Bad("host name in server_name has control characters or spaces")
+            raise _BadHelloError(
+                "host name in server_name has control characters or spaces"
+            )
         host = text.rstrip(".").lower() or text
     return host
 
@@ -221,11 +227,11 @@ def _server_name(ext: _Reader) -> str | None:
 def _alpn(ext: _Reader) -> tuple[str, ...]:
     names = ext.vector(2, "ALPN list")
     if ext.remaining():
-        raise _Bad("bytes after the ALPN list")
+        raise _BadHelloError("bytes after the ALPN list")
     protocols = []
     while names.remaining():
         value = names.vector(1, "ALPN protocol name").take_all()
         if not value:
-            raise _Bad("empty ALPN protocol name")
+            raise _BadHelloError("empty ALPN protocol name")
         protocols.append(value.decode("ascii", "backslashreplace"))
     return tuple(protocols)
