@@ -131,11 +131,9 @@ def parse_client_hello(data: bytes) -> Result:
             return Malformed("empty handshake record")
         if length > _RECORD_MAX:
             return Malformed(f"record length {length} exceeds the TLS limit")
-        if len(data) - pos - 5 < length:
-            return _more(data, pos + 5 + length)
+        complete = len(data) - pos - 5 >= length
         message += data[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-        if len(message) >= 4:
+        if len(message) >= 4:  # the message header says how long the hello is
             if message[0] != _CLIENT_HELLO:
                 return Malformed(
                     f"first handshake message has type {message[0]}, not ClientHello"
@@ -146,6 +144,10 @@ def parse_client_hello(data: bytes) -> Result:
                     f"ClientHello of {body_length} bytes is larger than"
                     f" {MAX_HELLO_BYTES // 1024} KiB"
                 )
+        if not complete:
+            return _more(data, pos + 5 + length)
+        pos += 5 + length
+        if len(message) >= 4:
             if len(message) >= 4 + body_length:
                 try:
                     name, alpn = _parse_body(bytes(message[4 : 4 + body_length]))
