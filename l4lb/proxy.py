@@ -157,8 +157,8 @@ class Session:
 
     def __init__(self, frontend: Frontend, client: ClientProtocol) -> None:
         self.frontend = frontend
-        # A router (route_by_sni) may pick another pool before connecting.
-        self.pool: Pool | None = frontend.pool
+        # With a router (route_by_sni) the pool is picked before connecting.
+        self.pool: Pool | None = frontend.pool if frontend.router is None else None
         self.clock: IReactorTime = frontend.clock
         self.client = client
         self.server: ServerProtocol | None = None

@@ -108,7 +108,11 @@ class CA:
                 alt.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 alt.append(x509.DNSName(name))
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usage = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))

@@ -122,7 +122,9 @@ def build_hello(
     version: bytes = b"\x03\x03",
 ) -> bytes:
     """A ClientHello in one record; ``extensions=None`` leaves the block out."""
-    body = version + b"\x00" * 32 + vec(1, session_id) + vec(2, suites) + vec(1, b"\x00")
+    body = (
+        version + b"\x00" * 32 + vec(1, session_id) + vec(2, suites) + vec(1, b"\x00")
+    )
     if extensions is not None:
         body += vec(2, b"".join(extensions))
     message = bytes([message_type]) + len(body).to_bytes(3, "big") + body
@@ -285,9 +287,7 @@ def hellos(draw: st.DrawFn) -> tuple[bytes, str | None, tuple[bytes, ...]]:
     if alpn:
         extensions.append(alpn_extension(*alpn))
     extensions = draw(st.permutations(extensions))
-    data = build_hello(
-        list(extensions), session_id=draw(st.binary(max_size=32))
-    )
+    data = build_hello(list(extensions), session_id=draw(st.binary(max_size=32)))
     sizes = draw(st.lists(st.integers(1, 300), max_size=5))
     return refragment(data, sizes), name, alpn
 

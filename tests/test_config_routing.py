@@ -84,7 +84,7 @@ class TestRouteBySni:
             (
                 'route_by_sni = { "a.*.com" = "pg" }',
                 'frontend.edge.route_by_sni."a.*.com": invalid SNI pattern:'
-                ' a wildcard must be a whole leftmost label',
+                " a wildcard must be a whole leftmost label",
             ),
             (
                 'route_by_sni = { "*" = "pg" }',
@@ -211,7 +211,7 @@ class TestPoolTLS:
                 'server_name = "bad name"',
                 "pool.p.tls.server_name: invalid label 'bad name'",
             ),
-            ('sni = "x"', 'pool.p.tls.sni: unknown key'),
+            ('sni = "x"', "pool.p.tls.sni: unknown key"),
         ],
     )
     def test_problems(self, keys: str, problem: str) -> None:
