@@ -147,13 +147,12 @@ def parse_client_hello(data: bytes) -> Result:
         if not complete:
             return _more(data, pos + 5 + length)
         pos += 5 + length
-        if len(message) >= 4:
-            if len(message) >= 4 + body_length:
-                try:
-                    name, alpn = _parse_body(bytes(message[4 : 4 + body_length]))
-                except _BadHelloError as e:
-                    return Malformed(str(e))
-                return ClientHello(name, alpn, pos)
+        if len(message) >= 4 and len(message) >= 4 + body_length:
+            try:
+                name, alpn = _parse_body(bytes(message[4 : 4 + body_length]))
+            except _BadHelloError as e:
+                return Malformed(str(e))
+            return ClientHello(name, alpn, pos)
 
 
 def _more(data: bytes, needed: int) -> NeedMore | Malformed:
