@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -128,7 +128,7 @@ class _Material:
                     f"{tls.key!r} does not match the certificate in {tls.cert!r}",
                 )
             self.client = PrivateCertificate.fromCertificateAndKeyPair(
-                _twisted_cert(certs[0]), KeyPair.load(key_data)
+                _twisted_cert(certs[0]), KeyPair(crypto.PKey.from_cryptography_key(key))
             )
             self.chain = [_twisted_cert(c).original for c in certs[1:]]
 
