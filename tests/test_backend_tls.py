@@ -102,8 +102,16 @@ class TestVerifiedTLS:
     @pytest.mark.parametrize(
         ("bad_cert", "words"),
         [
-            ("wrong-name", "TLS certificate verification failed"),
-            ("unknown-ca", "certificate verify failed"),
+            (
+                "wrong-name",
+                "TLS certificate verification failed: the certificate is not"
+                " valid for 'redis.internal'",
+            ),
+            (
+                "unknown-ca",
+                "TLS handshake failed: certificate verify failed (the server"
+                " certificate is not signed by a trusted CA",
+            ),
         ],
     )
     async def test_bad_certificate_is_a_failed_connect(

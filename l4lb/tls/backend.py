@@ -347,7 +347,17 @@ def describe_tls_failure(reason: Failure | None) -> str:
     value = reason.value
     name = type(value).__name__
     if name in ("VerificationError", "CertificateError"):
-        return f"TLS certificate verification failed: {value}"
+        wanted = [
+            getattr(mismatch.mismatched_id, "hostname", None)
+            or getattr(mismatch.mismatched_id, "ip", None)
+            for mismatch in getattr(value, "errors", ())
+            if hasattr(mismatch, "mismatched_id")
+        ]
+        names = ", ".join(
+            repr(w.decode() if isinstance(w, bytes) else str(w)) for w in wanted
+        )
+        what = f"the certificate is not valid for {names}" if names else str(value)
+        return f"TLS certificate verification failed: {what}"
     if isinstance(value, SSL.Error):
         texts = []
         for item in (
@@ -357,7 +367,10 @@ def describe_tls_failure(reason: Failure | None) -> str:
                 texts.append(str(item[-1]))
         detail = "; ".join(texts) or str(value)
         if "certificate verify failed" in detail:
-            detail += " (the server certificate does not chain to the trusted CA)"
+            detail += (
+                " (the server certificate is not signed by a trusted CA,"
+                " or is expired or not yet valid)"
+            )
         return f"TLS handshake failed: {detail}"
     if isinstance(value, error.ConnectionDone | error.ConnectionLost):
         return "TLS handshake failed: the server closed the connection"
