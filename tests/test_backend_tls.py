@@ -337,3 +337,53 @@ class TestFiles:
             f'[pool.a.tls]\nca = "{ca.write(tmp_path)}"\ncert = "{cert}"\nkey = "{key}"\n'
         )
         check_backend_tls(parse_config(text, "edge.toml"))
+
+
+class TestHandshakeLimits:
+    @pytest_twisted.ensureDeferred
+    async def test_silent_server_times_out_in_the_handshake(
+        self, lab: Lab, ca: CA, tmp_path: Path
+    ) -> None:
+        """A server that accepts TCP but never answers TLS costs connect_timeout, then the next."""
+        silent = lab.backend(lab.peer)  # plain TCP, reads the ClientHello, says nothing
+        good = tls_backend(lab, ca.issue("redis.internal"), greeter(lab, "good"))
+        lb = start_l4lb(
+            lab,
+            config(
+                [silent.address, good.address],
+                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                pool='balance = "first"\nconnect_timeout = "300ms"',
+            ),
+        )
+        with capture_logs() as logs:
+            assert await round_trip(lab, lb.port) == b"I am good\nping"
+            await finished(lab, lb)
+            await lab.until(lambda: not silent.live, 5, "silent server released")
+        [failure] = events(logs, "server connect failed")
+        assert (failure["server"], failure["error"]) == ("p0", "timed out after 0.3s")
+        assert [s.live for s in lb.service.pools["p"].servers] == [0, 0]
+
+    @pytest_twisted.ensureDeferred
+    async def test_client_leaving_during_the_handshake(
+        self, lab: Lab, ca: CA, tmp_path: Path
+    ) -> None:
+        """A client that leaves while l4lb handshakes with the server cancels it cleanly."""
+        silent = lab.backend(lab.peer)
+        lb = start_l4lb(
+            lab,
+            config(
+                [silent.address],
+                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                pool='connect_timeout = "30s"',
+            ),
+        )
+        with capture_logs() as logs:
+            client = await lab.connect(lb.port, lab.peer())
+            await lab.until(lambda: silent.peers and silent.peers[0].received > 0, 5)
+            client.transport.loseConnection()
+            await lab.wait(client.closed.wait(), 5, "client closed")
+            await finished(lab, lb)
+            await lab.until(lambda: not silent.live, 5, "server connection aborted")
+        [line] = events(logs, "connection closed")
+        assert line["reason"] == "client closed"
+        assert lb.service.pools["p"].servers[0].live == 0

@@ -31,32 +31,21 @@ pytestmark = [
 @contextlib.contextmanager
 def tls_redis(port: int, cert: str, key: str, ca: str, workdir: Path) -> Iterator[None]:
     """A redis-server speaking only TLS on 127.0.0.1:``port``."""
+    args = [
+        "redis-server",
+        "--port", "0",
+        "--tls-port", str(port),
+        "--bind", "127.0.0.1",
+        "--tls-cert-file", cert,
+        "--tls-key-file", key,
+        "--tls-ca-cert-file", ca,
+        "--tls-auth-clients", "no",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+    ]  # fmt: skip
     process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            cert,
-            "--tls-key-file",
-            key,
-            "--tls-ca-cert-file",
-            ca,
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         wait_until(
@@ -92,21 +81,15 @@ def stack(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
 def s_client(port: int, server_name: str, ca: str, timeout: float = 10) -> str:
     """Run ``openssl s_client -servername``, send PING, return all it printed."""
+    args = [
+        "openssl", "s_client",
+        "-connect", f"127.0.0.1:{port}",
+        "-servername", server_name,
+        "-CAfile", ca,
+        "-verify_return_error",
+    ]  # fmt: skip
     process = subprocess.Popen(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-servername",
-            server_name,
-            "-CAfile",
-            ca,
-            "-verify_return_error",
-        ],  # fmt: skip
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     assert process.stdin is not None and process.stdout is not None
     output = b""
@@ -154,7 +137,7 @@ class TestPassthrough:
         lb = stack(routed_config(ports, default=None))
         _, port = lb.address("edge")
 
-        for pool, name in names.items():
+        for name in names.values():
             output = s_client(port, name, ca_file)
             assert "+PONG" in output, output
             assert f"CN = {name}" in output  # the backend's own certificate
