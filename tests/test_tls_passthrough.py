@@ -42,7 +42,13 @@ class Site:
     """Two routed pools and a default one, each with one named TLS backend."""
 
     def __init__(
-        self, lab: Lab, ca: CA, *, default: bool = True, frontend: str = ""
+        self,
+        lab: Lab,
+        ca: CA,
+        *,
+        default: bool = True,
+        frontend: str = "",
+        extra: str = "",
     ) -> None:
         self.backends = {
             name: tls_backend(
@@ -60,6 +66,7 @@ class Site:
             + frontend
             + "\n"
             + pools_text({f"p{n}": [b.address] for n, b in self.backends.items()})
+            + extra
         )
         self.lb = start_l4lb(lab, text)
 
@@ -248,4 +255,18 @@ class TestRefusals:
             await finished(lab, site)
         [line] = closed_lines(logs)
         assert line["reason"] == "client closed"
+        assert site.connections() == {"a": 0, "b": 0, "default": 0}
+
+    @pytest_twisted.ensureDeferred
+    async def test_stop_while_a_client_sends_its_hello(self, lab: Lab, ca: CA) -> None:
+        """A graceful stop closes a client still in its hello, leaving no timer behind."""
+        site = Site(lab, ca, extra='[global]\nshutdown_grace = "100ms"\n')
+        client = await lab.connect(site.lb.port, lab.peer(close_on_eof=True))
+        client.transport.write(python_hello("a.example.com")[:40])
+        await lab.until(lambda: len(site.lb.frontend.sessions) == 1, 5, "session")
+        with capture_logs() as logs:
+            await lab.wait(site.lb.service.stopService(), 5, "l4lb stopped")
+            await lab.wait(client.closed.wait(), 5, "client closed")
+        [line] = closed_lines(logs)
+        assert line["reason"] == "shutdown"
         assert site.connections() == {"a": 0, "b": 0, "default": 0}
