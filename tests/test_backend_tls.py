@@ -15,11 +15,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from structlog.testing import capture_logs
-from twisted.internet import reactor
+from twisted.internet import reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import optionsForClientTLS
+from zope.interface import implementer
 
 from l4lb.config import ConfigError, parse_config
-from l4lb.tls.backend import check_backend_tls
-from tests.loopback import CLOSE, HALF_CLOSE, Lab, MiB
+from l4lb.tls.backend import CLOSE_LINGER, TLSClientEndpoint, check_backend_tls
+from tests.loopback import CLOSE, HALF_CLOSE, Lab, MiB, Peer, _Once
 from tests.sni_tls_material import CA
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend
 
@@ -387,3 +391,39 @@ class TestHandshakeLimits:
         [line] = events(logs, "connection closed")
         assert line["reason"] == "client closed"
         assert lb.service.pools["p"].servers[0].live == 0
+
+
+@implementer(IHandshakeListener)
+class _StopsReading(Peer):
+    """A TLS server that stops reading once the handshake is done."""
+
+    def handshakeCompleted(self) -> None:
+        self.transport.pauseProducing()
+
+
+class TestCloseLinger:
+    @pytest_twisted.ensureDeferred
+    async def test_close_to_a_server_that_stopped_reading_is_aborted(
+        self, lab: Lab, ca: CA
+    ) -> None:
+        """A full close that cannot flush is aborted CLOSE_LINGER seconds later."""
+        server = tls_backend(lab, ca.issue("s.internal"), _StopsReading)
+        clock = task.Clock()
+        endpoint = TLSClientEndpoint(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", server.port.getHost().port),
+            optionsForClientTLS("s.internal", trustRoot=ca.twisted_cert()),
+            clock,
+        )
+        client = lab.peer()
+        lab.clients.append(client)
+        await lab.wait(endpoint.connect(_Once(client)), 5, "TLS connect")
+        for _ in range(16):  # far more than the socket buffers hold
+            client.transport.write(b"x" * MiB)
+        client.transport.loseConnection()
+        await lab.settle(lambda: client.is_connected, polls=5)
+        assert client.is_connected, "closed before the linger ran out"
+        clock.advance(CLOSE_LINGER)
+        await lab.wait(client.closed.wait(), 5, "aborted after the linger")
+        [peer] = server.peers
+        peer.transport.resumeProducing()  # to read the reset
+        await lab.wait(peer.closed.wait(), 5, "server side gone")
