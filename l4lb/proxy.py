@@ -5,7 +5,9 @@ Read this module top to bottom to follow one client connection:
 1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
    so nothing is buffered, until a backend is connected) and starts a `Session`;
    a `DepartureWatch` notices the waiting client leaving without reading it.
-2. `Session.connect` asks the pool for a server (possibly after queueing) and
+2. `Session.connect` (on a ``route_by_sni`` frontend, once
+   `l4lb.tls.passthrough` has read the ClientHello and picked the pool) asks
+   the pool for a server (possibly after queueing) and
    opens a connection through the pool's endpoint seam, retrying a failed
    connect on servers not yet tried. The client sees nothing of a retry: no
    client byte has been read yet.
