@@ -321,6 +321,9 @@ class TestFiles:
             f'[pool.b.tls]\ncert = "{cert}"\nkey = "{other_key}"\n'
             '[pool.c]\n[[pool.c.server]]\naddress = "h:1"\n'
             f'[pool.c.tls]\nca = "{tmp_path}/junk.pem"\n'
+            f'cert = "{tmp_path}/gone.pem"\nkey = "{tmp_path}/junk.pem"\n'
+            '[pool.d]\n[[pool.d.server]]\naddress = "h:1"\n'
+            f'[pool.d.tls]\ncert = "{cert}"\nkey = "{tmp_path}/junk.pem"\n'
         )
         with pytest.raises(ConfigError) as caught:
             check_backend_tls(parse_config(text, "edge.toml"))
@@ -330,6 +333,10 @@ class TestFiles:
             f"edge.toml: pool.b.tls.key: '{other_key}' does not match the"
             f" certificate in '{cert}'",
             f"edge.toml: pool.c.tls.ca: '{tmp_path}/junk.pem' holds no PEM certificate",
+            f"edge.toml: pool.c.tls.cert: cannot read '{tmp_path}/gone.pem':"
+            " No such file or directory",
+            f"edge.toml: pool.d.tls.key: '{tmp_path}/junk.pem' holds no usable PEM"
+            " private key",
         ]
 
     def test_good_files_pass(self, ca: CA, tmp_path: Path) -> None:

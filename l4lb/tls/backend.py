@@ -100,37 +100,61 @@ def _certificates(key: str, path: str) -> list[x509.Certificate]:
 
 
 class _Material:
-    """What a pool's [pool.X.tls] files hold, parsed."""
+    """What a pool's [pool.X.tls] files hold, parsed; ``problems`` says what failed."""
 
     def __init__(self, tls: PoolTLSConfig, where: str) -> None:
         self.trust: Any = None
-        if tls.ca is not None:
-            cas = _certificates(f"{where}.ca", tls.ca)
-            self.trust = trustRootFromCertificates([_twisted_cert(c) for c in cas])
         self.client: PrivateCertificate | None = None
         self.chain: list[Any] = []
-        if tls.cert is not None and tls.key is not None:
-            certs = _certificates(f"{where}.cert", tls.cert)
-            key_data = _read(f"{where}.key", tls.key)
+        self.problems: list[_FileError] = []
+        if tls.ca is not None:
             try:
-                key = serialization.load_pem_private_key(key_data, password=None)
-            except (ValueError, TypeError) as e:
-                raise _FileError(
-                    f"{where}.key", f"{tls.key!r} holds no usable PEM private key: {e}"
-                ) from None
-            spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            der = serialization.Encoding.DER
-            if key.public_key().public_bytes(der, spki) != certs[
-                0
-            ].public_key().public_bytes(der, spki):
-                raise _FileError(
-                    f"{where}.key",
-                    f"{tls.key!r} does not match the certificate in {tls.cert!r}",
-                )
-            self.client = PrivateCertificate.fromCertificateAndKeyPair(
-                _twisted_cert(certs[0]), KeyPair(crypto.PKey.from_cryptography_key(key))
+                cas = _certificates(f"{where}.ca", tls.ca)
+                self.trust = trustRootFromCertificates([_twisted_cert(c) for c in cas])
+            except _FileError as e:
+                self.problems.append(e)
+        if tls.cert is not None and tls.key is not None:
+            try:
+                self._client_certificate(tls.cert, tls.key, where)
+            except _FileError as e:
+                self.problems.append(e)
+
+    def _client_certificate(self, cert_path: str, key_path: str, where: str) -> None:
+        certs: list[x509.Certificate] = []
+        key_data: bytes | None = None
+        try:
+            certs = _certificates(f"{where}.cert", cert_path)
+        except _FileError as e:
+            self.problems.append(e)
+        try:
+            key_data = _read(f"{where}.key", key_path)
+        except _FileError as e:
+            self.problems.append(e)
+        if not certs or key_data is None:
+            return
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except TypeError:  # a password is needed
+            raise _FileError(
+                f"{where}.key",
+                f"{key_path!r} is encrypted; l4lb needs an unencrypted key",
+            ) from None
+        except ValueError:
+            raise _FileError(
+                f"{where}.key", f"{key_path!r} holds no usable PEM private key"
+            ) from None
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        cert_public = certs[0].public_key().public_bytes(der, spki)
+        if key.public_key().public_bytes(der, spki) != cert_public:
+            raise _FileError(
+                f"{where}.key",
+                f"{key_path!r} does not match the certificate in {cert_path!r}",
             )
-            self.chain = [_twisted_cert(c).original for c in certs[1:]]
+        self.client = PrivateCertificate.fromCertificateAndKeyPair(
+            _twisted_cert(certs[0]), KeyPair(crypto.PKey.from_cryptography_key(key))
+        )
+        self.chain = [_twisted_cert(c).original for c in certs[1:]]
 
 
 def _twisted_cert(cert: x509.Certificate) -> Certificate:
@@ -142,16 +166,16 @@ def _load(pool: PoolConfig) -> _Material:
     return _Material(pool.tls, f"pool.{pool.name}.tls")
 
 
+def _problems(source: str, material: _Material) -> tuple[Problem, ...]:
+    return tuple(Problem(source, e.key, e.message) for e in material.problems)
+
+
 def check_backend_tls(config: Config) -> None:
     """Read every [pool.X.tls] file as start would; ConfigError lists what is wrong."""
-    problems = []
+    problems: list[Problem] = []
     for pool in config.pools:
-        if pool.tls is None:
-            continue
-        try:
-            _load(pool)
-        except _FileError as e:
-            problems.append(Problem(config.source, e.key, e.message))
+        if pool.tls is not None:
+            problems += _problems(config.source, _load(pool))
     if problems:
         raise ConfigError(tuple(problems))
 
@@ -169,10 +193,9 @@ class BackendTLS:
         self.tls = pool.tls
         self.pool_name = pool.name
         self.clock = clock
-        try:
-            self.material = _load(pool)
-        except _FileError as e:
-            raise ConfigError((Problem("<start>", e.key, e.message),)) from None
+        self.material = _load(pool)
+        if self.material.problems:  # the files changed since --check or start
+            raise ConfigError(_problems("<start>", self.material))
         self._creators: dict[str, Any] = {}
         if not self.tls.verify:
             log.warning(
