@@ -300,7 +300,7 @@ class Session:
         if self._client_gone:
             self._close_server()
             return
-        if self.first_bytes:  # read by a router; less than one write buffer
+        if self.first_bytes:  # read by a router: at most 16 KiB plus one read
             server_transport.write(self.first_bytes)
             self.first_bytes = b""
         # Each transport pauses the other when its write buffer is full.
