@@ -19,12 +19,13 @@ from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from l4lb.config import ConfigError, parse_config
 from l4lb.tls.backend import CLOSE_LINGER, TLSClientEndpoint, check_backend_tls
-from tests.loopback import CLOSE, HALF_CLOSE, Lab, MiB, Peer, _Once
-from tests.sni_tls_material import CA
+from tests.loopback import CLOSE, HALF_CLOSE, Backend, Lab, MiB, Peer, _Once
+from tests.sni_tls_material import CA, server_options
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend
 
 BULK = 64 * MiB
@@ -434,3 +435,29 @@ class TestCloseLinger:
         [peer] = server.peers
         peer.transport.resumeProducing()  # to read the reset
         await lab.wait(peer.closed.wait(), 5, "server side gone")
+
+
+class TestUnixServers:
+    @pytest_twisted.ensureDeferred
+    async def test_tls_over_a_unix_socket(
+        self, lab: Lab, ca: CA, tmp_path: Path
+    ) -> None:
+        """A unix: server is reached over TLS and verified against server_name."""
+        path = str(tmp_path / "tls.sock")
+        backend = Backend(greeter(lab, "unix"))
+        factory = TLSMemoryBIOFactory(
+            server_options(ca.issue("sock.internal")), False, backend
+        )
+        factory.protocol = TLSMemoryBIOProtocol
+        backend.port = reactor.listenUNIX(path, factory)
+        lab.unix_paths.append(path)
+        lab.backends.append(backend)
+        lb = start_l4lb(
+            lab,
+            config(
+                [f"unix:{path}"],
+                f'ca = "{ca.write(tmp_path)}"\nserver_name = "sock.internal"',
+            ),
+        )
+        assert await round_trip(lab, lb.port) == b"I am unix\nping"
+        await finished(lab, lb)
