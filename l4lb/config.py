@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 from l4lb.balance import POLICY_NAMES
+from l4lb.tls.sni import normalise_name, normalise_pattern
 
 __all__ = [
     "CertificateConfig",
@@ -885,6 +886,56 @@ class _Array(_Reader):
         return tuple(built)
 
 
+@attrs.frozen
+class _SniRouteTable(_Reader):
+    """``route_by_sni``: an inline table of SNI pattern → pool name.
+
+    Patterns are normalised (lower case, IDNA, no trailing dot) so two
+    spellings of one name are caught as duplicates; pool names are checked
+    against the pools by the root's finish.
+    """
+
+    def read(self, ctx: _Ctx, value: object, path: str) -> Any:
+        if not isinstance(value, dict):
+            ctx.report(
+                path,
+                "expected a table of SNI pattern = pool name"
+                f' (e.g. {{ "db.example.com" = "pg" }}), got {_describe(value)}',
+            )
+            return _INVALID
+        if not value:
+            ctx.report(path, "must route at least one name (or remove the key)")
+            return _INVALID
+        routes: list[tuple[str, str]] = []
+        seen: dict[str, str] = {}
+        for pattern, pool in value.items():
+            where = _join(path, pattern)
+            try:
+                normal = normalise_pattern(pattern)
+            except ValueError as e:
+                ctx.report(where, f"invalid SNI pattern: {e}")
+                continue
+            if not isinstance(pool, str) or not pool:
+                ctx.report(where, f"expected a pool name, got {_describe(pool)}")
+                continue
+            if normal in seen:
+                ctx.report(
+                    where, f"same name as {_quote(seen[normal])} (names ignore case)"
+                )
+                continue
+            seen[normal] = pattern
+            routes.append((normal, pool))
+        return tuple(routes)
+
+
+def _server_name(value: object) -> str:
+    """A host name or IP address to verify a server certificate against."""
+    text = _string(value)
+    if _ip(text) is None:
+        normalise_name(text)  # raises ValueError in words
+    return text
+
+
 def _default(cls: type, field: str) -> Any:
     """The attrs default of ``cls.field`` (defaults live on the classes only)."""
     return getattr(attrs.fields(cls), field).default
@@ -909,6 +960,8 @@ def _finish_frontend(
     """Turn ``listen`` into the raw text plus an endpoint carrying the backlog."""
     listen: _Listen = values["listen"]
     values["listen"] = raw["listen"]
+    if not _check_routing(ctx, path, raw, values):
+        return False
     if listen.kind == "systemd":  # the socket is inherited, already listening
         values["endpoint"] = listen.endpoint
         if "backlog" in raw:
@@ -932,6 +985,53 @@ def _finish_frontend(
     return True
 
 
+def _check_routing(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """``pool`` may be left out only with ``route_by_sni``; passthrough excludes termination."""
+    routed = "route_by_sni" in raw
+    if "pool" not in raw and not routed:
+        where = _join(path, "pool")
+        ctx.report(
+            where,
+            "required key is missing (a frontend forwards to a pool,"
+            " or routes TLS by server name with route_by_sni)",
+        )
+        return False
+    values.setdefault("pool", None)
+    if routed and "tls" in raw:
+        ctx.report(
+            _join(path, "route_by_sni"),
+            f"cannot be combined with [{_join(path, 'tls')}]: passthrough forwards"
+            " TLS undecrypted, termination decrypts it; use two frontends",
+        )
+    if "handshake_timeout" in raw and not routed:
+        ctx.report(
+            _join(path, "handshake_timeout"),
+            "only applies with route_by_sni (TLS termination has its own,"
+            f" in [{_join(path, 'tls')}])",
+        )
+    return True
+
+
+def _check_pool_references(
+    ctx: _Ctx, frontend: FrontendConfig, pool_names: list[str]
+) -> None:
+    """Every pool a frontend names (``pool`` and route_by_sni targets) exists."""
+    where = _join("frontend", frontend.name)
+    defined = ", ".join(_quote(name) for name in pool_names) or "none"
+    references = [(_join(where, "pool"), frontend.pool)] if frontend.pool else []
+    for pattern, pool in frontend.route_by_sni:
+        references.append((_join(_join(where, "route_by_sni"), pattern), pool))
+    for key, name in references:
+        if name not in pool_names:
+            ctx.report(
+                key,
+                f"no pool named {_quote(name)}"
+                f"{_suggest(name, pool_names)}; defined pools: {defined}",
+            )
+
+
 def _finish_root(
     ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
 ) -> bool:
@@ -948,13 +1048,8 @@ def _finish_root(
     bound: list[tuple[FrontendConfig, tuple[Any, ...]]] = []
     for frontend in values["frontends"]:
         where = _join("frontend", frontend.name)
-        if pool_names is not None and frontend.pool not in pool_names:
-            defined = ", ".join(_quote(name) for name in pool_names) or "none"
-            ctx.report(
-                _join(where, "pool"),
-                f"no pool named {_quote(frontend.pool)}"
-                f"{_suggest(frontend.pool, pool_names)}; defined pools: {defined}",
-            )
+        if pool_names is not None:
+            _check_pool_references(ctx, frontend, pool_names)
         bind = _listen(frontend.listen).bind
         for other, other_bind in bound:
             if _conflicts(bind, other_bind):
@@ -966,6 +1061,30 @@ def _finish_root(
                 )
                 break
         bound.append((frontend, bind))
+    for pool in values["pools"]:
+        tls = pool.tls
+        if tls is None or tls.server_name or not tls.verify:
+            continue
+        if any(server.address.is_unix for server in pool.servers):
+            ctx.report(
+                _join(_join(_join("pool", pool.name), "tls"), "server_name"),
+                "required with verify = true when a server is a unix: socket"
+                " (there is no host name to verify)",
+            )
+    return True
+
+
+def _finish_pool_tls(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """A client certificate needs its key, and a key its certificate."""
+    for have, need in (("cert", "key"), ("key", "cert")):
+        if have in raw and need not in raw:
+            ctx.report(
+                _join(path, need),
+                f"required with {have} (a client certificate needs both files)",
+            )
+            return False
     return True
 
 
@@ -1054,7 +1173,9 @@ _FRONTEND = _Section(
     FrontendConfig,
     {
         "listen": _Key(_Scalar(_listen), required=True),
-        "pool": _Key(_Scalar(_string), required=True),
+        "pool": _Key(_Scalar(_string)),  # required unless route_by_sni
+        "route_by_sni": _Key(_SniRouteTable()),
+        "handshake_timeout": _Key(_Scalar(_duration(positive=True))),
         "max_connections": _Key(_Scalar(_integer(0))),
         "idle_timeout": _Key(_Scalar(_duration())),
         "half_closed_timeout": _Key(_Scalar(_duration())),
@@ -1074,6 +1195,18 @@ _SERVER = _Section(
         "backup": _Key(_Scalar(_boolean)),
     },
     finish=_finish_server,
+)
+
+_POOL_TLS = _Section(
+    PoolTLSConfig,
+    {
+        "verify": _Key(_Scalar(_boolean)),
+        "ca": _Key(_Scalar(_string)),
+        "server_name": _Key(_Scalar(_server_name)),
+        "cert": _Key(_Scalar(_string)),
+        "key": _Key(_Scalar(_string)),
+    },
+    finish=_finish_pool_tls,
 )
 
 _NO_SERVERS = "a pool needs at least one server (add a [[{path}]] table)"
@@ -1097,6 +1230,7 @@ _POOL = _Section(
         "retries": _Key(_Scalar(_integer(0))),
         "queue_timeout": _Key(_Scalar(_duration())),
         "max_queue": _Key(_Scalar(_integer(0))),
+        "tls": _Key(_Table(_POOL_TLS)),
     },
 )
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from l4lb.config import FrontendConfig
     from l4lb.pool import Pool
+    from l4lb.tls.passthrough import SniRouter
 
 log = structlog.get_logger("l4lb.frontend")
 
@@ -78,7 +79,7 @@ class Frontend(ServerFactory):
     def __init__(
         self,
         config: FrontendConfig,
-        pool: Pool,
+        pool: Pool | None,
         clock: IReactorTime,
         endpoint_for: EndpointForServer,
         cap: ConnectionCap,
@@ -87,7 +88,8 @@ class Frontend(ServerFactory):
         self.config = config
         self.tls = tls  # set: TLS termination (l4lb.tls.termination)
         self.name = config.name
-        self.pool = pool
+        self.pool = pool  # None: only SNI routes, unmatched clients are refused
+        self.router: SniRouter | None = None  # route_by_sni picks a pool per client
         self.clock = clock
         self.endpoint_for = endpoint_for
         self.cap = cap
@@ -243,7 +245,7 @@ class FrontendService(Service):
             frontend=config.name,
             listen=config.listen,
             address=format_address(address),
-            pool=self.frontend.pool.name,
+            pool=self.frontend.pool.name if self.frontend.pool else None,
         )
 
     def startService(self) -> None:

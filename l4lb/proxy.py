@@ -5,7 +5,9 @@ Read this module top to bottom to follow one client connection:
 1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
    so nothing is buffered, until a backend is connected) and starts a `Session`;
    a `DepartureWatch` notices the waiting client leaving without reading it.
-2. `Session.connect` asks the pool for a server (possibly after queueing) and
+2. `Session.connect` (on a ``route_by_sni`` frontend, once
+   `l4lb.tls.passthrough` has read the ClientHello and picked the pool) asks
+   the pool for a server (possibly after queueing) and
    opens a connection through the pool's endpoint seam, retrying a failed
    connect on servers not yet tried. The client sees nothing of a retry: no
    client byte has been read yet.
@@ -98,6 +100,9 @@ class ClientProtocol(Protocol):
         session = self.session
         session.bytes_from_client += len(data)
         session.last_activity = session.clock.seconds()
+        if session.read_early is not None:  # e.g. SNI routing reads the ClientHello
+            session.read_early(data)
+            return
         session.server.transport.write(data)
 
     def spliced(self) -> None:
@@ -159,7 +164,8 @@ class Session:
 
     def __init__(self, frontend: Frontend, client: ClientProtocol) -> None:
         self.frontend = frontend
-        self.pool: Pool = frontend.pool
+        # With a router (route_by_sni) the pool is picked before connecting.
+        self.pool: Pool | None = frontend.pool if frontend.router is None else None
         self.clock: IReactorTime = frontend.clock
         self.client = client
         self.server: ServerProtocol | None = None
@@ -188,6 +194,10 @@ class Session:
         # Which transport is registered as the other's producer (flow control).
         self._client_paces_server = False
         self._server_paces_client = False
+        # Before a server is connected, a router may read the client's first
+        # bytes through ``read_early``; they go to the server first.
+        self.read_early: Callable[[bytes], None] | None = None
+        self.first_bytes = b""
 
     # -- 1. start ----------------------------------------------------------
 
@@ -202,8 +212,13 @@ class Session:
         connecting = Deferred.fromCoroutine(self.connect())
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
-            self._watch = DepartureWatch.start(self.client.transport, self.client_left)
+            if self.read_early is None:  # a router reading the client sees it leave
+                self.watch_departure()
         connecting.addErrback(self._connect_failed)
+
+    def watch_departure(self) -> None:
+        """Notice the paused client leaving while it waits for a server."""
+        self._watch = DepartureWatch.start(self.client.transport, self.client_left)
 
     def client_left(self) -> None:
         """The waiting client closed without sending a byte, or reset: stop waiting."""
@@ -220,7 +235,12 @@ class Session:
 
     async def connect(self) -> None:
         """Connect to a server, trying others on failure, then splice."""
+        router = self.frontend.router
+        if router is not None:
+            self.pool = await router.route(self)  # pauses the client again
+            self.watch_departure()
         pool = self.pool
+        assert pool is not None
         tried: list[ServerState] = []
         while True:
             server_state = await pool.acquire(self.client_host, tried)
@@ -292,6 +312,9 @@ class Session:
         if self._client_gone:
             self._close_server()
             return
+        if self.first_bytes:  # read by a router: at most 16 KiB plus one read
+            server_transport.write(self.first_bytes)
+            self.first_bytes = b""
         # Each transport pauses the other when its write buffer is full.
         server_transport.registerProducer(client_transport, True)
         self._client_paces_server = True
@@ -306,6 +329,9 @@ class Session:
 
     def client_eof(self) -> None:
         """The client finished sending: pass its FIN on to the server."""
+        if self.server is None:  # while a router reads it: the client is gone
+            self.client_left()
+            return
         self._client_eof = True
         self._set_reason("client closed")
         self.last_activity = self.clock.seconds()
@@ -347,7 +373,7 @@ class Session:
         self._server_gone = True
         self._set_reason("server closed")
         if self.server_state is not None:
-            self.pool.release(self.server_state)
+            self.pool.release(self.server_state)  # type: ignore[union-attr]
         self._unpace_client()
         if not self._client_gone:
             self.client.transport.loseConnection()
@@ -473,7 +499,7 @@ class Session:
         self._timer = None
         fields = {
             "frontend": self.frontend.name,
-            "pool": self.pool.name,
+            "pool": self.pool.name if self.pool is not None else None,
             "server": self.server_state.name if self.server_state else None,
             "client": format_address(self.client_address),
             "connect_time": (

@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.tls.backend import BackendTLS
+from l4lb.tls.passthrough import SniRouter
 from l4lb.tls.termination import ServerTLS
 
 if TYPE_CHECKING:
@@ -115,10 +117,21 @@ class L4LBService(MultiService):
         self.pools: dict[str, Pool] = {p.name: Pool(p, reactor) for p in config.pools}
         if endpoint_for is None:
             endpoints: dict[ServerState, IStreamClientEndpoint] = {}
+            # [pool.X.tls]: each server of the pool is reached through TLS.
+            tls: dict[ServerState, BackendTLS] = {}
+            for pool_config in config.pools:
+                if pool_config.tls is not None:
+                    pool_tls = BackendTLS(pool_config, reactor)
+                    tls.update(
+                        dict.fromkeys(self.pools[pool_config.name].servers, pool_tls)
+                    )
 
             def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
                 if server not in endpoints:
-                    endpoints[server] = client_endpoint(reactor, server.config.address)
+                    endpoint = client_endpoint(reactor, server.config.address)
+                    if server in tls:
+                        endpoint = tls[server].wrap(server, endpoint)
+                    endpoints[server] = endpoint
                 return endpoints[server]
 
         self.endpoint_for = endpoint_for
@@ -128,9 +141,10 @@ class L4LBService(MultiService):
             tls = None
             if fe.tls is not None:  # files were checked by tap; CertificateError if bad
                 tls = ServerTLS(fe.tls, f"frontend.{fe.name}.tls")
-            frontend = Frontend(
-                fe, self.pools[fe.pool], reactor, endpoint_for, self.cap, tls=tls
-            )
+            default = self.pools[fe.pool] if fe.pool is not None else None
+            frontend = Frontend(fe, default, reactor, endpoint_for, self.cap, tls=tls)
+            if fe.route_by_sni:
+                frontend.router = SniRouter(fe, self.pools, default, reactor)
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
         self._stopping = False

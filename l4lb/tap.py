@@ -12,6 +12,7 @@ from l4lb.config import Config, ConfigError, Problem, load_config, parse_config
 from l4lb.demo import DemoBackends
 from l4lb.logs import TwistedBridge, configure_logging
 from l4lb.service import L4LBService
+from l4lb.tls.backend import check_backend_tls
 from l4lb.tls.certificates import check_config as check_certificates
 
 
@@ -46,6 +47,7 @@ class Options(usage.Options):
             raise usage.UsageError("--config PATH is required (or try --demo)")
         try:
             self.config = load_config(path)
+            check_backend_tls(self.config)  # certificate files: present, matching
         except ConfigError as e:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
