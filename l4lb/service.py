@@ -118,19 +118,19 @@ class L4LBService(MultiService):
         if endpoint_for is None:
             endpoints: dict[ServerState, IStreamClientEndpoint] = {}
             # [pool.X.tls]: each server of the pool is reached through TLS.
-            tls: dict[ServerState, BackendTLS] = {}
+            backend_tls: dict[ServerState, BackendTLS] = {}
             for pool_config in config.pools:
                 if pool_config.tls is not None:
                     pool_tls = BackendTLS(pool_config, reactor)
-                    tls.update(
+                    backend_tls.update(
                         dict.fromkeys(self.pools[pool_config.name].servers, pool_tls)
                     )
 
             def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
                 if server not in endpoints:
                     endpoint = client_endpoint(reactor, server.config.address)
-                    if server in tls:
-                        endpoint = tls[server].wrap(server, endpoint)
+                    if server in backend_tls:
+                        endpoint = backend_tls[server].wrap(server, endpoint)
                     endpoints[server] = endpoint
                 return endpoints[server]
 
@@ -138,11 +138,13 @@ class L4LBService(MultiService):
         self.cap = ConnectionCap(config.global_.max_connections)
         self.frontends: dict[str, Frontend] = {}
         for fe in config.frontends:
-            tls = None
+            server_tls = None
             if fe.tls is not None:  # files were checked by tap; CertificateError if bad
-                tls = ServerTLS(fe.tls, f"frontend.{fe.name}.tls")
+                server_tls = ServerTLS(fe.tls, f"frontend.{fe.name}.tls")
             default = self.pools[fe.pool] if fe.pool is not None else None
-            frontend = Frontend(fe, default, reactor, endpoint_for, self.cap, tls=tls)
+            frontend = Frontend(
+                fe, default, reactor, endpoint_for, self.cap, tls=server_tls
+            )
             if fe.route_by_sni:
                 frontend.router = SniRouter(fe, self.pools, default, reactor)
             self.frontends[fe.name] = frontend
