@@ -227,9 +227,9 @@ class Session:
                 raise defer.CancelledError() from None
             except _CONNECT_FAILURES as e:
                 pool.release(server_state)
-                server_state.failed_connects += 1
                 tried.append(server_state)
                 why = _describe_connect_failure(e, pool.config.connect_timeout)
+                pool.connect_failed(server_state, why)
                 log.warning(
                     "server connect failed",
                     frontend=self.frontend.name,
@@ -271,6 +271,7 @@ class Session:
         self._connecting = None
         self._stop_watching()
         self.server_state = server_state
+        server_state.sessions.add(self)
         self.server = server
         server.session = self
         self._server_gone = False
@@ -329,6 +330,7 @@ class Session:
         self._server_gone = True
         self._set_reason("server closed")
         if self.server_state is not None:
+            self.server_state.sessions.discard(self)
             self.pool.release(self.server_state)
         self._unpace_client()
         if not self._client_gone:
