@@ -229,7 +229,6 @@ class Session:
                 pool.release(server_state)
                 tried.append(server_state)
                 why = _describe_connect_failure(e, pool.config.connect_timeout)
-                pool.connect_failed(server_state, why)
                 log.warning(
                     "server connect failed",
                     frontend=self.frontend.name,
@@ -239,6 +238,7 @@ class Session:
                     error=why,
                     attempt=self.retries + 1,
                 )
+                pool.connect_failed(server_state, why)  # after: logs read in order
                 if self.retries >= pool.config.retries:
                     raise NoServerError(
                         "connect failed", f"{server_state.name}: {why}"
