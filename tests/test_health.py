@@ -295,6 +295,19 @@ class TestQueue:
         assert "pool p" in closed["detail"]
         monitor.stop()
 
+    def test_all_down_without_queue_closes_at_once(self) -> None:
+        """With ``queue_timeout = 0`` a client of an all-down pool is closed at once."""
+        h, monitor, _ = monitored(
+            1, initial_state="down", rise=1, fall=1, pool={"queue_timeout": 0}
+        )
+        monitor.start()
+        with capture_logs() as logs:
+            _, client = h.accept()
+            assert client.disconnecting
+            client.lose()
+        assert events(logs, "connection closed")[0]["reason"] == "no server up"
+        monitor.stop()
+
     def test_queued_client_goes_to_server_coming_back(self) -> None:
         """A client queued because every server is full is served when one comes up."""
         h, monitor, check = monitored(
