@@ -86,21 +86,23 @@ class Load:
             with self._lock:
                 if self.done >= self.limit:
                     return
-            client = redis.Redis(
-                host="127.0.0.1",
-                port=self.port,
-                single_connection_client=True,
-                retry=Retry(NoBackoff(), 0),
-                socket_timeout=10,
-                socket_connect_timeout=5,
-            )
             try:
-                assert client.ping() is True
+                client = redis.Redis(
+                    host="127.0.0.1",
+                    port=self.port,
+                    single_connection_client=True,
+                    retry=Retry(NoBackoff(), 0),
+                    socket_timeout=10,
+                    socket_connect_timeout=5,
+                )
+                try:
+                    if client.ping() is not True:
+                        raise AssertionError("PING did not answer PONG")
+                finally:
+                    client.close()
             except Exception as e:
                 with self._lock:
-                    self.errors.append(repr(e))
-            finally:
-                client.close()
+                    self.errors.append(f"{type(e).__name__}: {e}")
             with self._lock:
                 self.done += 1
 
@@ -123,6 +125,18 @@ def index_of(lines: list[dict[str, Any]], event: str, **fields: Any) -> int:
         ):
             return i
     raise AssertionError(f"no {event} {fields} line")
+
+
+def assert_no_failed_connect(lb: L4LB, load: Load) -> None:
+    """Every client reached a backend (retries hid the dead one); the only
+    client errors are sessions already on the killed server when it died
+    (redis-py's handshake got its replies, then the server was gone)."""
+    closed = lb.closed_lines()
+    assert [e for e in closed if e["server"] is None] == []
+    cut = [
+        e for e in closed if e["server"] == "redis-2" and e["reason"] == "server closed"
+    ]
+    assert len(load.errors) <= len(cut), (load.errors, cut)
 
 
 class TestFailover:
@@ -151,10 +165,9 @@ class TestFailover:
             wait_until(lambda: lb.events("server down"), 20, "the down line")
             (down,) = lb.events("server down")
             assert down["server"] == "redis-2"
-            assert down["reason"] in (
-                "connect refused",
-                "client connect failed: connection refused",
-            )
+            # A probe's refused connect, or a client's (refused, or reset when
+            # it raced the kill).
+            assert down["reason"].startswith(("connect ", "client connect failed: "))
             load.wait_for(300)
             lines = lb.lines()
             after_down = lines[index_of(lines, "server down") + 1 :]
@@ -165,7 +178,7 @@ class TestFailover:
                 and e.get("event") in ("connection closed", "server connect failed")
             ]
             assert to_dead == [], json.dumps(to_dead)
-            assert load.errors == []
+            assert_no_failed_connect(lb, load)
 
             stack.enter_context(redis_on(ports[2], tmp_path))
             wait_until(lambda: lb.events("server up"), 20, "the up line")
@@ -200,6 +213,6 @@ class TestFailover:
         after = lines[index_of(lines, "slow start finished") + 1 :]
         final = [e for e in after if e.get("event") == "connection closed"]
         assert sum(e["server"] == "redis-2" for e in final) > 0
-        assert load.errors == []
+        assert_no_failed_connect(lb, load)
         assert lb.events("stopped")
         assert not [e for e in lines if e.get("level") in ("error", "critical")]
