@@ -11,11 +11,13 @@ import attrs
 import pytest
 from structlog.testing import capture_logs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
 
-from l4lb.config import HealthConfig
+from l4lb.config import HealthConfig, parse_config
 from l4lb.health.checks import CheckResult
 from l4lb.health.counter import DOWN, GOING_DOWN, GOING_UP, UP, HealthCounter
 from l4lb.health.monitor import SLOW_START_STEPS, WEIGHT_SCALE, PoolMonitor
+from l4lb.service import L4LBService
 from tests.fakes import Harness
 
 # -- the counter ---------------------------------------------------------------
@@ -556,3 +558,39 @@ def test_health_config_is_frozen() -> None:
     """The monitor reads a frozen config; it never changes it."""
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         health().interval = 3  # type: ignore[misc]
+
+
+class TestService:
+    CONFIG = """
+[frontend.f]
+listen = "127.0.0.1:0"
+pool = "p"
+[pool.p]
+[[pool.p.server]]
+name = "a"
+address = "127.0.0.1:7001"
+[[pool.p.server]]
+name = "b"
+address = "127.0.0.1:7002"
+[pool.p.health]
+port = 8008
+[pool.q]
+[[pool.q.server]]
+address = "127.0.0.1:7003"
+"""
+
+    def test_monitors_probe_the_check_port_and_stop_clean(self) -> None:
+        """Pools with a health table get a monitor; probes use ``port``; stop
+        leaves no timer and no connect attempt behind."""
+        reactor = MemoryReactorClock()
+        service = L4LBService(parse_config(self.CONFIG, "x.toml"), reactor)
+        assert set(service.monitors) == {"p"}
+        service.privilegedStartService()
+        service.startService()
+        tick(reactor, 2.5)
+        probes = [(host, port) for host, port, *_ in reactor.tcpClients]
+        assert sorted(probes) == [("127.0.0.1", 8008), ("127.0.0.1", 8008)]
+        d = service.stopService()
+        assert d.called
+        assert reactor.getDelayedCalls() == []
+        assert all(c.stoppedConnecting for c in reactor.connectors)
