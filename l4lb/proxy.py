@@ -288,6 +288,9 @@ class Session:
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
         self._arm_timer()
+        health = self.pool.config.health
+        if not server_state.usable and health is not None and health.on_down == "close":
+            self.close("server down")  # it went down while we were connecting
 
     # -- 4. half-close and close -------------------------------------------
 

@@ -122,12 +122,13 @@ def monitored(
     servers: Any = 2, *, pool: dict[str, Any] | None = None, **kw: Any
 ) -> tuple[Harness, PoolMonitor, FakeCheck]:
     """A Harness pool watched by a monitor with a scripted check on its clock."""
-    h = Harness(servers, pool=pool)
+    config = health(**kw)
+    h = Harness(servers, pool={**(pool or {}), "health": config})
     check = FakeCheck()
     check.clock = h.clock
     monitor = PoolMonitor(
         h.pool,
-        health(**kw),
+        config,
         h.clock,
         lambda server: server.name,
         check=check,
@@ -388,6 +389,26 @@ class TestOnDown:
                 assert not client.disconnecting and not server.disconnecting
         (down,) = events(logs, "server down")
         assert down["live_connections"] == 1
+        monitor.stop()
+
+    def test_close_catches_a_connect_in_flight(self) -> None:
+        """A connect that completes after its server went down is closed too."""
+        h, monitor, check = monitored(
+            [{"name": "a"}], rise=1, fall=1, interval=1, on_down="close"
+        )
+        monitor.start()
+        tick(h.clock, 1)
+        _, client = h.accept()
+        check.mode["a"] = "fail"
+        tick(h.clock, 1)
+        assert not h.pool.server("a").usable
+        with capture_logs() as logs:
+            _, _, server = h.complete()
+            assert client.disconnecting and server.disconnecting
+            client.lose()
+            server.lose()
+        (closed,) = events(logs, "connection closed")
+        assert closed["reason"] == "server down"
         monitor.stop()
 
 
