@@ -436,6 +436,18 @@ def _string(value: object) -> str:
     return value
 
 
+def _http_path(value: object) -> str:
+    """An HTTP request path: starts with "/", no spaces or control characters."""
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError(f'must start with "/", got {_quote(text)}')
+    if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        raise ValueError(
+            f"must not contain spaces or control characters, got {_quote(text)}"
+        )
+    return text
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[object], str]:
     """A string that must be one of ``allowed`` (listed in the message)."""
 
@@ -1209,6 +1221,268 @@ _POOL_TLS = _Section(
     finish=_finish_pool_tls,
 )
 
+# -- [pool.X.health] ---------------------------------------------------------
+
+HEALTH_TYPES = ("tcp", "send-expect", "tls", "http", "redis", "postgres", "mysql")
+HEALTH_ROLES = ("any", "primary", "replica")
+_ROLE_TYPES = ("redis", "postgres", "mysql")
+# Keys that only one family of check types reads: given for another type they
+# would be silently ignored, so they are refused instead.
+_TYPE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "send": ("send-expect",),
+    "expect": ("send-expect",),
+    "expect_regex": ("send-expect",),
+    "step": ("send-expect",),
+    "path": ("http",),
+    "expect_status": ("http",),
+    "user": _ROLE_TYPES,
+    "password_file": _ROLE_TYPES,
+    "database": _ROLE_TYPES,
+    "verify": ("tls",),
+    "ca": ("tls",),
+    "server_name": ("tls",),
+}
+_BYTE_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}
+_HEX = re.compile(r"[0-9A-Fa-f]{2}")
+
+
+def _escaped_bytes(value: object) -> bytes:
+    r"""Bytes from a string with ``\r \n \t \\ \xNN`` escapes (TOML has no ``\x``).
+
+    TOML basic strings already turn ``\r`` into a carriage return; these
+    escapes matter in literal strings (``'PING\r\n'``) and for bytes TOML cannot
+    write (``\x00``).  Other characters are sent as UTF-8.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        char = value[i]
+        if char != "\\":
+            out += char.encode("utf-8", "surrogatepass")
+            i += 1
+            continue
+        code = value[i + 1 : i + 2]
+        if code in _BYTE_ESCAPES:
+            out += _BYTE_ESCAPES[code]
+            i += 2
+        elif code == "x" and _HEX.fullmatch(value[i + 2 : i + 4]):
+            out.append(int(value[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            shown = value[i : i + 4] if code == "x" else value[i : i + 2]
+            raise ValueError(
+                f'unknown escape "{shown}" at character {i};'
+                r" use \r, \n, \t, \\ or \xNN (two hex digits)"
+            )
+    return bytes(out)
+
+
+def _expect_bytes(value: object) -> bytes:
+    """What a reply must start with: escaped bytes, not empty."""
+    data = _escaped_bytes(value)
+    if not data:
+        raise ValueError("must not be empty")
+    return data
+
+
+def _regex(value: object) -> str:
+    """A regular expression matched against the reply bytes; must compile."""
+    text = _string(value)
+    try:
+        re.compile(text.encode("utf-8", "surrogatepass"))
+    except re.error as error:
+        raise ValueError(f"invalid regular expression: {error}") from None
+    return text
+
+
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
+
+
+def _fraction(value: object) -> float:
+    """A share: ``"10%"`` or a number from 0 to 1, stored as a fraction."""
+    if isinstance(value, str):
+        match = _PERCENT.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(
+                f'expected a percentage like "10%" or a fraction from 0 to 1,'
+                f" got {_describe(value)}"
+            )
+        percent = float(match[1])
+        if percent > 100:
+            raise ValueError(f"must be between 0% and 100%, got {_quote(value)}")
+        return percent / 100
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f'expected a percentage like "10%" or a fraction from 0 to 1,'
+            f" got {_describe(value)}"
+        )
+    if not 0 <= value <= 1:  # also refuses nan
+        raise ValueError(
+            f"a fraction must be between 0 and 1 (or write a percentage"
+            f' like "10%"), got {_describe(value)}'
+        )
+    return float(value)
+
+
+def _status_list(value: object) -> tuple[int, ...]:
+    """HTTP status codes that count as healthy: a non-empty array of 100..599."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of status codes, got {_describe(value)}")
+    if not value:
+        raise ValueError("must list at least one status code")
+    codes = []
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(
+                f"item {index}: expected an integer status code, got {_describe(item)}"
+            )
+        if not 100 <= item <= 599:
+            raise ValueError(
+                f"item {index}: must be between 100 and 599, got {_number(item)}"
+            )
+        codes.append(item)
+    return tuple(codes)
+
+
+def _finish_step(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """A step needs exactly one of expect and expect_regex."""
+    if "expect" in raw and "expect_regex" in raw:
+        ctx.report(
+            _join(path, "expect_regex"), "give either expect or expect_regex, not both"
+        )
+        return False
+    if "expect" not in raw and "expect_regex" not in raw:
+        ctx.report(path, "a step needs expect or expect_regex")
+        return False
+    return True
+
+
+_STEP = _Section(
+    CheckStep,
+    {
+        "send": _Key(_Scalar(_escaped_bytes)),
+        "expect": _Key(_Scalar(_expect_bytes)),
+        "expect_regex": _Key(_Scalar(_regex)),
+    },
+    finish=_finish_step,
+)
+
+
+def _finish_health(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """Check keys against the check type; top-level send/expect make one step."""
+    single = {
+        k: values.pop(k) for k in ("send", "expect", "expect_regex") if k in values
+    }
+    if "type" in raw and "type" not in values:
+        return False  # an unknown type is reported; other checks would guess
+    kind = values.get("type", _default(HealthConfig, "type"))
+    usable = True
+    for key, types in _TYPE_KEYS.items():
+        if key in raw and kind not in types:
+            wanted = " or ".join(f'"{t}"' for t in types)
+            ctx.report(
+                _join(path, key), f'only used with type = {wanted} (type is "{kind}")'
+            )
+            usable = False
+    if "role" in raw and values.get("role", "any") != "any" and kind not in _ROLE_TYPES:
+        ctx.report(
+            _join(path, "role"),
+            f'a role needs type = "redis", "postgres" or "mysql" (type is "{kind}")',
+        )
+        usable = False
+    top_level = [k for k in ("send", "expect", "expect_regex") if k in raw]
+    if kind != "send-expect":
+        return usable
+    if top_level and "step" in raw:
+        ctx.report(
+            _join(path, top_level[0]),
+            "give send/expect here or [[" + _join(path, "step") + "]] tables, not both",
+        )
+        return False
+    if top_level:
+        if "expect" in raw and "expect_regex" in raw:
+            ctx.report(
+                _join(path, "expect_regex"),
+                "give either expect or expect_regex, not both",
+            )
+            return False
+        if "expect" not in raw and "expect_regex" not in raw:
+            ctx.report(
+                _join(path, "expect"),
+                'type = "send-expect" needs expect or expect_regex',
+            )
+            return False
+        if len(single) != len(top_level):  # one of them was invalid
+            return False
+        values["steps"] = (CheckStep(**single),)
+    elif "step" not in raw:
+        ctx.report(
+            path,
+            'type = "send-expect" needs expect (and usually send), or'
+            " [[" + _join(path, "step") + "]] tables",
+        )
+        return False
+    return usable
+
+
+_HEALTH = _Section(
+    HealthConfig,
+    {
+        "type": _Key(_Scalar(_choice(HEALTH_TYPES))),
+        "interval": _Key(_Scalar(_duration(positive=True))),
+        "fast_interval": _Key(_Scalar(_duration(positive=True))),
+        "down_interval": _Key(_Scalar(_duration(positive=True))),
+        "timeout": _Key(_Scalar(_duration(positive=True))),
+        "rise": _Key(_Scalar(_integer(1, 1000))),
+        "fall": _Key(_Scalar(_integer(1, 1000))),
+        "jitter": _Key(_Scalar(_fraction)),
+        "port": _Key(_Scalar(_integer(1, 65535))),
+        "initial_state": _Key(_Scalar(_choice(("up", "down")))),
+        "observe": _Key(_Scalar(_boolean)),
+        "slow_start": _Key(_Scalar(_duration())),
+        "on_down": _Key(_Scalar(_choice(("keep", "close")))),
+        "role": _Key(_Scalar(_choice(HEALTH_ROLES))),
+        "send": _Key(_Scalar(_escaped_bytes)),
+        "expect": _Key(_Scalar(_expect_bytes)),
+        "expect_regex": _Key(_Scalar(_regex)),
+        "step": _Key(
+            _Array(_STEP, empty="needs at least one [[{path}]] table"), attr="steps"
+        ),
+        "path": _Key(_Scalar(_http_path)),
+        "expect_status": _Key(_Scalar(_status_list)),
+        "user": _Key(_Scalar(_string)),
+        "password_file": _Key(_Scalar(_string)),
+        "database": _Key(_Scalar(_string)),
+        "verify": _Key(_Scalar(_boolean)),
+        "ca": _Key(_Scalar(_string)),
+        "server_name": _Key(_Scalar(_string)),
+    },
+    finish=_finish_health,
+)
+
+
+def _finish_pool(
+    ctx: _Ctx, path: str, raw: Mapping[str, Any], values: dict[str, Any]
+) -> bool:
+    """A health check ``port`` needs servers with a host to probe."""
+    health = values.get("health")
+    if health is not None and health.port is not None:
+        for index, server in enumerate(values.get("servers", ())):
+            if server.address.is_unix:
+                ctx.report(
+                    _join(_join(path, "health"), "port"),
+                    f"server[{index}] is a unix socket; a check port needs TCP servers",
+                )
+                break
+    return True
+
+
 _NO_SERVERS = "a pool needs at least one server (add a [[{path}]] table)"
 
 _POOL = _Section(
@@ -1231,7 +1505,9 @@ _POOL = _Section(
         "queue_timeout": _Key(_Scalar(_duration())),
         "max_queue": _Key(_Scalar(_integer(0))),
         "tls": _Key(_Table(_POOL_TLS)),
+        "health": _Key(_Table(_HEALTH)),
     },
+    finish=_finish_pool,
 )
 
 _NO_FRONTENDS = "at least one frontend is required (add a [frontend.NAME] table)"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -49,6 +49,8 @@ class ServerState:
     live: int = 0  # connecting + established
     total: int = 0  # connections ever handed to this server
     failed_connects: int = 0
+    # Established sessions, so health checking can close them (on_down = "close").
+    sessions: set[Any] = attrs.Factory(set)
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ServerState:
@@ -86,6 +88,8 @@ class Pool:
         self.policy = policy if policy is not None else make_policy(config.balance)
         self._clock = clock
         self._queue: deque[_Waiter] = deque()
+        # Health checking's passive observation: told of every failed connect.
+        self.on_connect_failed: Callable[[ServerState, str], None] | None = None
 
     def server(self, name: str) -> ServerState:
         for s in self.servers:
@@ -116,16 +120,22 @@ class Pool:
         of the queue.
         """
         candidates = self.candidates()
-        if not candidates:
+        if not candidates and not self._any_down():
             return fail(
                 NoServerError("no server", f"no usable server in pool {self.name}")
             )
         # While others wait, no server has room (each release serves the queue
         # first): join the end of the queue, first come first served.
-        server = None if self._queue else self._pick(candidates, client, avoid)
+        server = (
+            None
+            if self._queue or not candidates
+            else self._pick(candidates, client, avoid)
+        )
         if server is not None:
             return succeed(self._reserve(server))
         if self.config.queue_timeout <= 0 or len(self._queue) >= self.config.max_queue:
+            if not candidates:
+                return fail(self._no_server_up())
             return fail(
                 NoServerError("queue full", f"pool {self.name}: every server is full")
             )
@@ -144,6 +154,21 @@ class Pool:
         """A connection of ``server`` is over: free its slot and serve the queue."""
         server.live -= 1
         self._dispatch()
+
+    def connect_failed(self, server: ServerState, why: str) -> None:
+        """A client's connect to ``server`` failed (health checking may count it)."""
+        server.failed_connects += 1
+        if self.on_connect_failed is not None:
+            self.on_connect_failed(server, why)
+
+    def _any_down(self) -> bool:
+        """Whether a server that takes traffic when up is down (it may come back)."""
+        return any(not s.usable and s.config.weight > 0 for s in self.servers)
+
+    def _no_server_up(self) -> NoServerError:
+        return NoServerError(
+            "no server up", f"every server of pool {self.name} is down"
+        )
 
     def changed(self) -> None:
         """Usability or weights changed (health, admin): waiting clients may now fit."""
@@ -187,6 +212,9 @@ class Pool:
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timer = None
         self._forget(waiter)
+        if not self.candidates():
+            waiter.deferred.errback(self._no_server_up())
+            return
         waiter.deferred.errback(
             NoServerError(
                 "queue timeout",

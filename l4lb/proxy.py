@@ -260,7 +260,6 @@ class Session:
                 raise defer.CancelledError() from None
             except _CONNECT_FAILURES as e:
                 pool.release(server_state)
-                server_state.failed_connects += 1
                 tried.append(server_state)
                 why = _describe_connect_failure(e, pool.config.connect_timeout)
                 log.warning(
@@ -272,6 +271,7 @@ class Session:
                     error=why,
                     attempt=self.retries + 1,
                 )
+                pool.connect_failed(server_state, why)  # after: logs read in order
                 if self.retries >= pool.config.retries:
                     raise NoServerError(
                         "connect failed", f"{server_state.name}: {why}"
@@ -304,6 +304,7 @@ class Session:
         self._connecting = None
         self._stop_watching()
         self.server_state = server_state
+        server_state.sessions.add(self)
         self.server = server
         server.session = self
         self._server_gone = False
@@ -324,6 +325,9 @@ class Session:
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
         self._arm_timer()
+        health = self.pool.config.health
+        if not server_state.usable and health is not None and health.on_down == "close":
+            self.close("server down")  # it went down while we were connecting
 
     # -- 4. half-close and close -------------------------------------------
 
@@ -373,6 +377,7 @@ class Session:
         self._server_gone = True
         self._set_reason("server closed")
         if self.server_state is not None:
+            self.server_state.sessions.discard(self)
             self.pool.release(self.server_state)  # type: ignore[union-attr]
         self._unpace_client()
         if not self._client_gone:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import structlog
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
@@ -28,6 +29,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
+from l4lb.health.monitor import HealthService, PoolMonitor
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
 from l4lb.tls.backend import BackendTLS
@@ -149,8 +151,31 @@ class L4LBService(MultiService):
                 frontend.router = SniRouter(fe, self.pools, default, reactor)
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
+        # Health probes: children added after the frontends, stopped after the drain.
+        self.monitors: dict[str, PoolMonitor] = {}
+        for name, pool in self.pools.items():
+            health = pool.config.health
+            if health is not None:
+                check_endpoint = self.check_endpoint_for(health.port)
+                monitor = PoolMonitor(pool, health, reactor, check_endpoint)
+                self.monitors[name] = monitor
+                HealthService(monitor).setServiceParent(self)
         self._stopping = False
         self._closed_now = 0  # sessions closed by a second stop signal
+
+    def check_endpoint_for(self, port: int | None) -> EndpointForServer:
+        """The seam health probes use: the client one, or the same host on ``port``."""
+        if port is None:
+            return self.endpoint_for
+        endpoints: dict[ServerState, IStreamClientEndpoint] = {}
+
+        def endpoint_for(server: ServerState) -> IStreamClientEndpoint:
+            if server not in endpoints:
+                address = attrs.evolve(server.config.address, port=port)
+                endpoints[server] = client_endpoint(self.reactor, address)
+            return endpoints[server]
+
+        return endpoint_for
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd hands us its Application: an ILogObserver component on it

@@ -189,6 +189,8 @@ class TestExampleFile:
             "frontend": config._FRONTEND,
             "pool": config._POOL,
             "pool.server": config._SERVER,
+            "pool.health": config._HEALTH,
+            "pool.health.step": config._STEP,
         }
         section = None
         comment: list[str] = []
@@ -215,7 +217,7 @@ class TestExampleFile:
                 default = config._default(section.cls, spec.attr or key)
                 assert spec.reader.convert(value) == default, key
                 checked += 1
-        assert checked == 16
+        assert checked == 29
 
 
 class TestDefaults:
