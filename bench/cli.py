@@ -115,6 +115,13 @@ class Run:
 
     def instance(self, contender: Contender, tls: bool) -> Instance | None:
         key = (contender.name, tls)
+        instance = self.instances.get(key)
+        if instance is not None and (why := instance.dead()):
+            # It crashed during an earlier measurement: say so, start it again.
+            self.problems.append(f"{contender.name} died and was restarted: {why}")
+            log(f"{contender.name} died: {why}")
+            instance.stop()
+            del self.instances[key]
         if key not in self.instances:
             self.instances[key] = self.start(contender, tls)
         return self.instances[key]

@@ -57,6 +57,13 @@ class Instance:
         for p in self.processes:
             p.stop()
 
+    def dead(self) -> str | None:
+        """Why the instance is gone (a process exited), or None while all run."""
+        for p in self.processes:
+            if p.proc is not None and p.proc.poll() is not None:
+                return f"{p.name} exited with {p.proc.returncode}: {p.tail()}"
+        return None
+
 
 class Contender:
     name = ""
@@ -364,7 +371,7 @@ class Portforward(Contender):
         for kind, port in ports.items():
             host, backend_port = settings.backends[kind]
             argv = [str(TWISTD), "-n", "--pidfile=", "-l", str(directory / f"{kind}.twistd.log"),
-                    "portforward", "-p", f"tcp:{port}:interface=127.0.0.1",
+                    "portforward", "-p", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
                     "-h", host, "-d", str(backend_port)]
             result.append(Process(f"portforward-{kind}", argv, directory))
         return result

@@ -101,7 +101,7 @@ def _redis_benchmark(args: list[str], test: str, latency: bool) -> Runner:
             out = run(
                 ["redis-benchmark", "-h", host, "-p", str(port), "-n", str(requests),
                  "--csv", *args],
-                timeout=ctx.duration * 20 + 60,
+                timeout=ctx.duration * 10 + 30,
             )
             return parsers.redis_benchmark_csv(out)[test]
 

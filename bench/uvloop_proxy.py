@@ -18,6 +18,7 @@ class Side(asyncio.Protocol):
         self.peer: Side | None = None
         self.transport: asyncio.Transport | None = None
         self.pending: list[bytes] = []
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -33,13 +34,23 @@ class Side(asyncio.Protocol):
             self.pending.append(data)
 
     def eof_received(self) -> bool:
-        if self.peer and self.peer.transport and self.peer.transport.can_write_eof():
-            self.peer.transport.write_eof()
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return False  # no backend yet: close
+        if peer.eof:  # both directions done
+            peer.transport.close()
+            return False
+        peer.transport.write_eof()
         return True  # keep our write half open until the peer is done
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer and self.peer.transport:
-            self.peer.transport.close()
+        # Close each transport at most once: a first version that closed lost
+        # transports again died with "double free" under redis-benchmark -k 0.
+        self.transport = None
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.close()
 
     def pause_writing(self) -> None:
         if self.peer and self.peer.transport:
@@ -57,14 +68,14 @@ async def serve(listen_port: int, host: str, port: int) -> asyncio.Server:
         try:
             _, server = await loop.create_connection(Side, host, port)
         except OSError:
-            if client.transport:
+            if client.transport is not None:
                 client.transport.close()
             return
         client.peer, server.peer = server, client
         for chunk in client.pending:
             server.transport.write(chunk)  # type: ignore[union-attr]
         client.pending.clear()
-        if client.transport.is_closing():  # type: ignore[union-attr]
+        if client.transport is None or client.transport.is_closing():
             server.transport.close()  # type: ignore[union-attr]
         else:
             client.transport.resume_reading()  # type: ignore[union-attr]
