@@ -23,9 +23,36 @@ PG_HOST, PG_PORT = "127.0.0.1", 5432
 def certificate(directory: Path) -> tuple[Path, Path]:
     """A fresh self-signed ECDSA P-256 certificate and key (openssl CLI)."""
     key, cert = directory / "key.pem", directory / "cert.pem"
-    run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], 30)
-    run(["openssl", "req", "-new", "-x509", "-key", str(key), "-out", str(cert),
-         "-days", "2", "-subj", "/CN=localhost"], 30)
+    run(
+        [
+            "openssl",
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            str(key),
+        ],
+        30,
+    )
+    run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        30,
+    )
     return cert, key
 
 
@@ -56,21 +83,44 @@ class Backends:
                 self.problems["redis"] = env.missing_message("redis-server")
             else:
                 port = free_port()
-                self._start("redis", "redis-server", [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                    "--save", "", "--appendonly", "no", "--daemonize", "no",
-                    "--maxclients", str(max_clients), "--logfile", "",
-                ], port)
+                self._start(
+                    "redis",
+                    "redis-server",
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--daemonize",
+                        "no",
+                        "--maxclients",
+                        str(max_clients),
+                        "--logfile",
+                        "",
+                    ],
+                    port,
+                )
         if "iperf" in kinds:
             if not env.find_tool("iperf3"):
                 self.problems["iperf"] = env.missing_message("iperf3")
             else:
                 port = free_port()
-                self._start("iperf", "iperf3-server",
-                            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], port)
+                self._start(
+                    "iperf",
+                    "iperf3-server",
+                    ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+                    port,
+                )
         if "sink" in kinds:
             port = free_port()
-            self._start("sink", "sink", [sys.executable, "-m", "bench.sink", str(port)], port)
+            self._start(
+                "sink", "sink", [sys.executable, "-m", "bench.sink", str(port)], port
+            )
         if "pg" in kinds:
             self._create_database()
 
@@ -83,16 +133,47 @@ class Backends:
         try:
             self._psql(f'CREATE DATABASE "{name}"')
             self.pg_database = name
-            run(["pgbench", "-h", PG_HOST, "-p", str(PG_PORT), "-U", "postgres",
-                 "-i", "-q", "-s", "1", name], 120)
+            run(
+                [
+                    "pgbench",
+                    "-h",
+                    PG_HOST,
+                    "-p",
+                    str(PG_PORT),
+                    "-U",
+                    "postgres",
+                    "-i",
+                    "-q",
+                    "-s",
+                    "1",
+                    name,
+                ],
+                120,
+            )
         except RuntimeError as e:
             self.problems["pg"] = f"PostgreSQL at {PG_HOST}:{PG_PORT}: {e}"
             return
         self.addresses["pg"] = (PG_HOST, PG_PORT)
 
     def _psql(self, sql: str) -> None:
-        run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", "postgres", "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-qAtc", sql], 60)
+        run(
+            [
+                "psql",
+                "-h",
+                PG_HOST,
+                "-p",
+                str(PG_PORT),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qAtc",
+                sql,
+            ],
+            60,
+        )
 
     def stop(self) -> None:
         for process in reversed(self.processes):

@@ -36,24 +36,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark l4lb beside HAProxy and other proxies with real clients.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="1 repeat, short runs, 200 idle connections (smoke run)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; 1 with --quick)")
-    parser.add_argument("--duration", type=float,
-                        help="seconds per measurement (default 2; 1 with --quick)")
-    parser.add_argument("--idle-connections", type=int,
-                        help="connections held for idle memory (default 5000; 200 with --quick)")
-    parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(s.name for s in SCENARIOS))
-    parser.add_argument("--contenders", help="comma-separated contenders: "
-                        + ",".join(c.name for c in all_contenders()))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"report directory (default {DEFAULT_OUT.relative_to(REPO)})")
-    parser.add_argument("--l4lb-config-extra", default="",
-                        help="TOML merged into every l4lb config, e.g. '[global]\\nsplice = false'")
-    parser.add_argument("--render", type=Path, metavar="DIR",
-                        help="only re-render DIR/results.md and chart.png from DIR/results.json")
-    parser.add_argument("--keep-workdir", action="store_true",
-                        help="keep generated configs and process logs (path printed)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 repeat, short runs, 200 idle connections (smoke run)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved repeats (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help="seconds per measurement (default 2; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        help="connections held for idle memory (default 5000; 200 with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenarios: " + ",".join(s.name for s in SCENARIOS),
+    )
+    parser.add_argument(
+        "--contenders",
+        help="comma-separated contenders: "
+        + ",".join(c.name for c in all_contenders()),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"report directory (default {DEFAULT_OUT.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--l4lb-config-extra",
+        default="",
+        help="TOML merged into every l4lb config, e.g. '[global]\\nsplice = false'",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="DIR",
+        help="only re-render DIR/results.md and chart.png from DIR/results.json",
+    )
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep generated configs and process logs (path printed)",
+    )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.duration = args.duration or (1.0 if args.quick else 2.0)
@@ -70,7 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         wanted = args.contenders.split(",")
         unknown = [n for n in wanted if n not in known]
         if unknown:
-            parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+            parser.error(
+                f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}"
+            )
         args.contender_list = [c for c in all_contenders() if c.name in wanted]
     else:
         args.contender_list = all_contenders()
@@ -137,26 +170,42 @@ class Run:
             return scenario.direct
         return contender.tls if scenario.tls else contender.plain
 
-    def measure(self, scenario: Scenario, contender: Contender, ctx: Context, repeat: int) -> None:
+    def measure(
+        self, scenario: Scenario, contender: Contender, ctx: Context, repeat: int
+    ) -> None:
         if self.contender_status(contender) != "ok":
             return
         fresh = scenario.fresh and contender.name != "direct"
-        instance = self.start(contender, scenario.tls) if fresh else self.instance(contender, scenario.tls)
+        instance = (
+            self.start(contender, scenario.tls)
+            if fresh
+            else self.instance(contender, scenario.tls)
+        )
         if instance is None:
             return
         started = time.monotonic()
-        sample: dict[str, Any] = {"scenario": scenario.name, "contender": contender.name, "repeat": repeat}
+        sample: dict[str, Any] = {
+            "scenario": scenario.name,
+            "contender": contender.name,
+            "repeat": repeat,
+        }
         try:
             sample["metrics"] = scenario.runner(ctx, instance, scenario)
         except Exception as e:  # a failed client run is a result to report, not a crash
             sample["error"] = f"{type(e).__name__}: {e}"
-            self.problems.append(f"{scenario.name} / {contender.name} (repeat {repeat + 1}): {sample['error']}")
+            self.problems.append(
+                f"{scenario.name} / {contender.name} (repeat {repeat + 1}): {sample['error']}"
+            )
         finally:
             if fresh:
                 instance.stop()
         sample["seconds"] = round(time.monotonic() - started, 2)
-        figures = ", ".join(f"{k}={v:.3g}" for k, v in sample.get("metrics", {}).items())
-        log(f"{scenario.name} #{repeat + 1} {contender.name}: {figures or sample.get('error')}")
+        figures = ", ".join(
+            f"{k}={v:.3g}" for k, v in sample.get("metrics", {}).items()
+        )
+        log(
+            f"{scenario.name} #{repeat + 1} {contender.name}: {figures or sample.get('error')}"
+        )
         self.samples.append(sample)
 
     def execute(self) -> dict[str, Any]:
@@ -166,7 +215,8 @@ class Run:
             missing = [t for t in scenario.tools if not env.find_tool(t)]
             if missing:
                 self.problems.append(
-                    f"scenario {scenario.name} skipped: " + "; ".join(env.missing_message(t) for t in missing)
+                    f"scenario {scenario.name} skipped: "
+                    + "; ".join(env.missing_message(t) for t in missing)
                 )
             else:
                 scenarios.append(scenario)
@@ -179,16 +229,24 @@ class Run:
             for kind, problem in backends.problems.items():
                 self.problems.append(f"backend {kind}: {problem}")
             self.settings = Settings(
-                workdir=self.workdir, backends=backends.addresses,
-                max_connections=max_connections, cert=cert, key=key,
+                workdir=self.workdir,
+                backends=backends.addresses,
+                max_connections=max_connections,
+                cert=cert,
+                key=key,
                 l4lb_extra=args.l4lb_config_extra,
             )
-            ctx = Context(duration=args.duration, idle_connections=args.idle_connections,
-                          pg_database=backends.pg_database)
+            ctx = Context(
+                duration=args.duration,
+                idle_connections=args.idle_connections,
+                pg_database=backends.pg_database,
+            )
             try:
                 for scenario in scenarios:
                     if scenario.backend not in backends.addresses:
-                        self.problems.append(f"scenario {scenario.name} skipped: no {scenario.backend} backend")
+                        self.problems.append(
+                            f"scenario {scenario.name} skipped: no {scenario.backend} backend"
+                        )
                         continue
                     for repeat in range(args.repeats):
                         for contender in args.contender_list:
@@ -200,7 +258,9 @@ class Run:
             self.contender_status(contender)
         return {
             "meta": {
-                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "date": datetime.datetime.now(datetime.UTC).strftime(
+                    "%Y-%m-%d %H:%M UTC"
+                ),
                 "machine": env.machine(),
                 "versions": env.versions(REPO),
                 "repeats": args.repeats,
@@ -211,12 +271,19 @@ class Run:
                 "command": "python -m bench " + shlex.join(sys.argv[1:]),
             },
             "scenarios": [
-                {"name": s.name, "title": s.title,
-                 "metrics": [m.__dict__ for m in s.metrics]}
+                {
+                    "name": s.name,
+                    "title": s.title,
+                    "metrics": [m.__dict__ for m in s.metrics],
+                }
                 for s in scenarios
             ],
             "contenders": [
-                {"name": c.name, "label": c.label, "status": self.status.get(c.name, "ok")}
+                {
+                    "name": c.name,
+                    "label": c.label,
+                    "status": self.status.get(c.name, "ok"),
+                }
                 for c in args.contender_list
             ],
             "samples": self.samples,
@@ -250,5 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     for path in [args.out / "results.json", *report.render(args.out)]:
         print(path)
-    log(f"done in {data['meta']['wall_seconds']:g}s; {len(data['problems'])} problem(s) noted")
+    log(
+        f"done in {data['meta']['wall_seconds']:g}s; {len(data['problems'])} problem(s) noted"
+    )
     return 0

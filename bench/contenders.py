@@ -76,11 +76,16 @@ class Contender:
         return None
 
     def start(self, settings: Settings, tls: bool) -> Instance:
-        kinds = [k for k in (TLS_KINDS if tls else PLAIN_KINDS) if k in settings.backends]
+        kinds = [
+            k for k in (TLS_KINDS if tls else PLAIN_KINDS) if k in settings.backends
+        ]
         if not kinds:
             raise StartError("no backend running for this mode")
         ports = {kind: free_port() for kind in kinds}
-        directory = settings.workdir / f"{self.name}-{'tls' if tls else 'plain'}-{ports[kinds[0]]}"
+        directory = (
+            settings.workdir
+            / f"{self.name}-{'tls' if tls else 'plain'}-{ports[kinds[0]]}"
+        )
         directory.mkdir(parents=True)
         processes = self.processes(settings, directory, ports, tls)
         instance = Instance(
@@ -184,7 +189,9 @@ class L4LB(Contender):
             return f"{TWISTD} not found (pip install -e . into this venv)"
         return None
 
-    def config(self, settings: Settings, ports: dict[str, int], tls: bool) -> dict[str, Any]:
+    def config(
+        self, settings: Settings, ports: dict[str, int], tls: bool
+    ) -> dict[str, Any]:
         frontends: dict[str, Any] = {}
         pools: dict[str, Any] = {}
         for kind, port in ports.items():
@@ -197,7 +204,9 @@ class L4LB(Contender):
             if tls:
                 # The issue 4 contract: [frontend.X.tls] certificates = [{cert, key}]
                 frontend["tls"] = {
-                    "certificates": [{"cert": str(settings.cert), "key": str(settings.key)}]
+                    "certificates": [
+                        {"cert": str(settings.cert), "key": str(settings.key)}
+                    ]
                 }
             frontends[kind] = frontend
             pools[kind] = {
@@ -228,7 +237,9 @@ class HAProxy(Contender):
 
     tls = False
 
-    def __init__(self, name: str, threads: int, splice: bool = False, tls: bool = False) -> None:
+    def __init__(
+        self, name: str, threads: int, splice: bool = False, tls: bool = False
+    ) -> None:
         self.name = self.label = name
         self.threads = threads
         self.splice = splice
@@ -255,7 +266,9 @@ class HAProxy(Contender):
             combined = settings.workdir / "haproxy-cert.pem"
             if not combined.exists():
                 assert settings.cert and settings.key
-                combined.write_text(settings.cert.read_text() + settings.key.read_text())
+                combined.write_text(
+                    settings.cert.read_text() + settings.key.read_text()
+                )
         for kind, port in ports.items():
             host, backend_port = settings.backends[kind]
             bind = f"    bind 127.0.0.1:{port}"
@@ -289,7 +302,9 @@ class Nginx(Contender):
             return "nginx has no stream module (Debian package: libnginx-mod-stream)"
         return None
 
-    def config(self, settings: Settings, directory: Path, ports: dict[str, int], tls: bool) -> str:
+    def config(
+        self, settings: Settings, directory: Path, ports: dict[str, int], tls: bool
+    ) -> str:
         module = env.nginx_stream_module()
         lines = []
         if module and module != "static":
@@ -305,11 +320,15 @@ class Nginx(Contender):
         ]
         for kind, port in ports.items():
             host, backend_port = settings.backends[kind]
-            lines.append(f"  upstream {kind} {{ least_conn; server {host}:{backend_port}; }}")
+            lines.append(
+                f"  upstream {kind} {{ least_conn; server {host}:{backend_port}; }}"
+            )
             listen = f"listen 127.0.0.1:{port}{' ssl' if tls else ''};"
             lines.append(f"  server {{ {listen} proxy_pass {kind};")
             if tls:
-                lines.append(f"    ssl_certificate {settings.cert}; ssl_certificate_key {settings.key};")
+                lines.append(
+                    f"    ssl_certificate {settings.cert}; ssl_certificate_key {settings.key};"
+                )
             lines.append("  }")
         lines.append("}")
         return "\n".join(lines) + "\n"
@@ -321,7 +340,15 @@ class Nginx(Contender):
         path.write_text(self.config(settings, directory, ports, tls))
         nginx = env.find_tool("nginx")
         assert nginx
-        argv = [nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(path)]
+        argv = [
+            nginx,
+            "-p",
+            str(directory),
+            "-e",
+            str(directory / "error.log"),
+            "-c",
+            str(path),
+        ]
         return [Process(self.name, argv, directory)]
 
 
@@ -347,8 +374,17 @@ class Pen(Contender):
             host, backend_port = settings.backends[kind]
             # -f foreground, -r no client tracking (one server anyway),
             # -x simultaneous connections, -c client table size.
-            argv = [pen, "-f", "-r", "-x", limit, "-c", limit,
-                    f"127.0.0.1:{port}", f"{host}:{backend_port}"]
+            argv = [
+                pen,
+                "-f",
+                "-r",
+                "-x",
+                limit,
+                "-c",
+                limit,
+                f"127.0.0.1:{port}",
+                f"{host}:{backend_port}",
+            ]
             result.append(Process(f"pen-{kind}", argv, directory))
         return result
 
@@ -370,9 +406,20 @@ class Portforward(Contender):
         result = []
         for kind, port in ports.items():
             host, backend_port = settings.backends[kind]
-            argv = [str(TWISTD), "-n", "--pidfile=", "-l", str(directory / f"{kind}.twistd.log"),
-                    "portforward", "-p", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-                    "-h", host, "-d", str(backend_port)]
+            argv = [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                "-l",
+                str(directory / f"{kind}.twistd.log"),
+                "portforward",
+                "-p",
+                f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+                "-h",
+                host,
+                "-d",
+                str(backend_port),
+            ]
             result.append(Process(f"portforward-{kind}", argv, directory))
         return result
 
@@ -388,8 +435,10 @@ class Uvloop(Contender):
     def processes(
         self, settings: Settings, directory: Path, ports: dict[str, int], tls: bool
     ) -> list[Process]:
-        specs = [f"{port}:{settings.backends[kind][0]}:{settings.backends[kind][1]}"
-                 for kind, port in ports.items()]
+        specs = [
+            f"{port}:{settings.backends[kind][0]}:{settings.backends[kind][1]}"
+            for kind, port in ports.items()
+        ]
         argv = [sys.executable, "-m", "bench.uvloop_proxy", *specs]
         return [Process(self.name, argv, directory)]
 
@@ -407,11 +456,20 @@ class Stunnel(Contender):
     def processes(
         self, settings: Settings, directory: Path, ports: dict[str, int], tls: bool
     ) -> list[Process]:
-        lines = ["foreground = yes", "pid =", "debug = 3",
-                 f"cert = {settings.cert}", f"key = {settings.key}"]
+        lines = [
+            "foreground = yes",
+            "pid =",
+            "debug = 3",
+            f"cert = {settings.cert}",
+            f"key = {settings.key}",
+        ]
         for kind, port in ports.items():
             host, backend_port = settings.backends[kind]
-            lines += [f"[{kind}]", f"accept = 127.0.0.1:{port}", f"connect = {host}:{backend_port}"]
+            lines += [
+                f"[{kind}]",
+                f"accept = 127.0.0.1:{port}",
+                f"connect = {host}:{backend_port}",
+            ]
         path = directory / "stunnel.conf"
         path.write_text("\n".join(lines) + "\n")
         stunnel = env.find_tool("stunnel4") or env.find_tool("stunnel")

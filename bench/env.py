@@ -139,7 +139,9 @@ def versions(repo: Path) -> dict[str, str]:
     }
     for name, argv in probes.items():
         path = find_tool(argv[0])
-        result[name] = _version_in(_first_line([path, *argv[1:]])) if path else "not installed"
+        result[name] = (
+            _version_in(_first_line([path, *argv[1:]])) if path else "not installed"
+        )
     if result["pen"] != "not installed":
         # pen has no --version; its package version is the useful figure.
         result["pen"] = _dpkg_version("pen")

@@ -64,7 +64,9 @@ def iperf3_json(text: str) -> dict[str, float]:
         raise ParseError(f"iperf3 -J: no end.sum_received ({e})") from e
 
 
-_TPS = re.compile(r"^tps = ([0-9.]+) \((without initial connection time|including)", re.M)
+_TPS = re.compile(
+    r"^tps = ([0-9.]+) \((without initial connection time|including)", re.M
+)
 _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
@@ -88,7 +90,9 @@ def pgbench(text: str) -> dict[str, float]:
     return result
 
 
-_S_TIME = re.compile(r"^(\d+) connections in ([0-9.]+)s; ([0-9.]+) connections/user sec", re.M)
+_S_TIME = re.compile(
+    r"^(\d+) connections in ([0-9.]+)s; ([0-9.]+) connections/user sec", re.M
+)
 
 
 def s_time_connections(text: str) -> int:

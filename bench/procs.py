@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-
 # The checkout holding ``bench/``, so helper processes (``python -m bench.sink``)
 # import it whatever their working directory.
 REPO = Path(__file__).resolve().parent.parent
@@ -118,9 +117,7 @@ def _pythonpath() -> str:
     return f"{REPO}{os.pathsep}{existing}" if existing else str(REPO)
 
 
-def run(
-    argv: Sequence[str], timeout: float, env: dict[str, str] | None = None
-) -> str:
+def run(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> str:
     """Run a client to completion; its stdout, or RuntimeError with its stderr."""
     try:
         out = subprocess.run(

@@ -55,10 +55,24 @@ TARGETS: tuple[Target, ...] = (
     Target("tls-bulk", "gbps", ">=", 0.8),
     Target("pgbench", "tps", ">=", 0.9),
     Target("pgbench-connect", "tps", ">=", 0.95),
-    Target("connect-rate", "rps", ">=", 1.0, vs="haproxy-2t", contender="l4lb-w2",
-           note="workers = 2 vs HAProxy 2 threads"),
-    Target("get", "rps", ">=", 1.0, vs="haproxy-2t", contender="l4lb-w2",
-           note="workers = 2 vs HAProxy 2 threads"),
+    Target(
+        "connect-rate",
+        "rps",
+        ">=",
+        1.0,
+        vs="haproxy-2t",
+        contender="l4lb-w2",
+        note="workers = 2 vs HAProxy 2 threads",
+    ),
+    Target(
+        "get",
+        "rps",
+        ">=",
+        1.0,
+        vs="haproxy-2t",
+        contender="l4lb-w2",
+        note="workers = 2 vs HAProxy 2 threads",
+    ),
 )
 
 AHEAD_OF = ("portforward", "uvloop")
@@ -119,7 +133,9 @@ def evaluate(data: dict[str, Any]) -> list[dict[str, Any]]:
         if r is None:
             verdict = "not measured"
         else:
-            verdict = "met" if (r >= t.bound if t.op == ">=" else r <= t.bound) else "missed"
+            verdict = (
+                "met" if (r >= t.bound if t.op == ">=" else r <= t.bound) else "missed"
+            )
         rows.append({**t.__dict__, "ratio": r, "verdict": verdict})
     metric_dirs = {
         (s["name"], m["key"]): m["higher_is_better"]
@@ -135,12 +151,19 @@ def evaluate(data: dict[str, Any]) -> list[dict[str, Any]]:
                 verdict = "not measured"
             else:
                 verdict = "met" if (r > 1.0 if higher else r < 1.0) else "missed"
-            rows.append({
-                "scenario": scenario["name"], "metric": primary["key"],
-                "op": ">" if higher else "<", "bound": 1.0, "vs": other,
-                "contender": "l4lb", "note": "ahead of every other Python option",
-                "ratio": r, "verdict": verdict,
-            })
+            rows.append(
+                {
+                    "scenario": scenario["name"],
+                    "metric": primary["key"],
+                    "op": ">" if higher else "<",
+                    "bound": 1.0,
+                    "vs": other,
+                    "contender": "l4lb",
+                    "note": "ahead of every other Python option",
+                    "ratio": r,
+                    "verdict": verdict,
+                }
+            )
     return rows
 
 
@@ -191,11 +214,12 @@ def markdown(data: dict[str, Any]) -> str:
                         cell += f" ({spread:.0%})"
                     cells.append(cell)
                 else:
-                    cells.append("–")
+                    cells.append("n/a")
             arrow = "↑" if metric["higher_is_better"] else "↓"
             out.append(
                 f"| {scenario['title']} | {metric['label']} ({metric['unit']}) {arrow} | "
-                + " | ".join(cells) + " |"
+                + " | ".join(cells)
+                + " |"
             )
     out += [
         "",
@@ -215,10 +239,16 @@ def markdown(data: dict[str, Any]) -> str:
                 parts = []
                 for vs in (REFERENCE, DIRECT):
                     r = ratio(values, scenario["name"], metric["key"], name, vs)
-                    parts.append(f"{r:.2f}" if r is not None else "–")
-                cells.append(" / ".join(parts) if any(p != "–" for p in parts) else "–")
+                    parts.append(f"{r:.2f}" if r is not None else "n/a")
+                cells.append(
+                    " / ".join(parts) if any(p != "n/a" for p in parts) else "n/a"
+                )
             arrow = "↑" if metric["higher_is_better"] else "↓"
-            out.append(f"| {scenario['name']} | {metric['key']} {arrow} | " + " | ".join(cells) + " |")
+            out.append(
+                f"| {scenario['name']} | {metric['key']} {arrow} | "
+                + " | ".join(cells)
+                + " |"
+            )
     out += [
         "",
         "## Targets (issue 5)",
@@ -227,7 +257,7 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|---|---|---|---:|---:|---|",
     ]
     for row in evaluate(data):
-        measured = f"{row['ratio']:.2f}" if row["ratio"] is not None else "–"
+        measured = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
         target = f"{row['op']} {row['bound']:g}"
         note = f" ({row['note']})" if row["note"] else ""
         out.append(
@@ -291,7 +321,9 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         return False
     columns = 3
     rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5.2 * columns, 2.9 * rows), squeeze=False
+    )
     colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
     for ax, (scenario, metric) in zip(axes.flat, panels, strict=False):
         shown, heights, lows, highs = [], [], [], []
@@ -307,19 +339,29 @@ def chart(data: dict[str, Any], path: Path) -> bool:
             heights.append(median / scale)
             lows.append((median - min(vals)) / scale)
             highs.append((max(vals) - median) / scale)
-        ax.barh(range(len(shown)), heights, xerr=[lows, highs],
-                color=[colors[n] for n in shown], capsize=2)
+        ax.barh(
+            range(len(shown)),
+            heights,
+            xerr=[lows, highs],
+            color=[colors[n] for n in shown],
+            capsize=2,
+        )
         ax.set_yticks(range(len(shown)), shown, fontsize=7)
         ax.invert_yaxis()
         if base:
             ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
         arrow = "higher is better" if metric["higher_is_better"] else "lower is better"
         unit = "x HAProxy 1t" if base else metric["unit"]
-        ax.set_title(f"{scenario['name']}: {metric['label']}\n({unit}, {arrow})", fontsize=8)
+        ax.set_title(
+            f"{scenario['name']}: {metric['label']}\n({unit}, {arrow})", fontsize=8
+        )
         ax.tick_params(axis="x", labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(f"l4lb benchmark, {data['meta']['date']} (medians, bars = min..max)", fontsize=10)
+    fig.suptitle(
+        f"l4lb benchmark, {data['meta']['date']} (medians, bars = min..max)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

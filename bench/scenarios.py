@@ -99,8 +99,17 @@ def _redis_benchmark(args: list[str], test: str, latency: bool) -> Runner:
 
         def once(requests: int) -> dict[str, float]:
             out = run(
-                ["redis-benchmark", "-h", host, "-p", str(port), "-n", str(requests),
-                 "--csv", *args],
+                [
+                    "redis-benchmark",
+                    "-h",
+                    host,
+                    "-p",
+                    str(port),
+                    "-n",
+                    str(requests),
+                    "--csv",
+                    *args,
+                ],
                 timeout=ctx.duration * 10 + 30,
             )
             return parsers.redis_benchmark_csv(out)[test]
@@ -125,7 +134,9 @@ def _redis_benchmark(args: list[str], test: str, latency: bool) -> Runner:
 # idle memory
 
 
-def hold_connections(host: str, port: int, count: int, batch: int = 500) -> list[socket.socket]:
+def hold_connections(
+    host: str, port: int, count: int, batch: int = 500
+) -> list[socket.socket]:
     """Open ``count`` connections and make each do one PING/PONG round trip.
 
     The round trip proves each one reaches the backend (so the proxy holds
@@ -174,12 +185,22 @@ def _idle_memory(ctx: Context, inst: Instance, scenario: Scenario) -> dict[str, 
 # TLS
 
 
-def _tls_handshakes(ctx: Context, inst: Instance, scenario: Scenario) -> dict[str, float]:
+def _tls_handshakes(
+    ctx: Context, inst: Instance, scenario: Scenario
+) -> dict[str, float]:
     host, port = inst.addresses["redis"]
     seconds = max(1, round(ctx.duration))
     start = time.monotonic()
     out = run(
-        ["openssl", "s_time", "-connect", f"{host}:{port}", "-new", "-time", str(seconds)],
+        [
+            "openssl",
+            "s_time",
+            "-connect",
+            f"{host}:{port}",
+            "-new",
+            "-time",
+            str(seconds),
+        ],
         timeout=seconds + 30,
     )
     elapsed = time.monotonic() - start
@@ -208,8 +229,25 @@ def _pgbench(args: list[str]) -> Runner:
         host, port = inst.addresses["pg"]
         seconds = max(1, round(ctx.duration))
         out = run(
-            ["pgbench", "-h", host, "-p", str(port), "-U", "postgres", "-n", "-S",
-             "-c", "8", "-j", "2", "-T", str(seconds), *args, ctx.pg_database],
+            [
+                "pgbench",
+                "-h",
+                host,
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-n",
+                "-S",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                *args,
+                ctx.pg_database,
+            ],
             timeout=seconds * 5 + 60,
         )
         return {"tps": parsers.pgbench(out)["tps"]}
@@ -218,47 +256,106 @@ def _pgbench(args: list[str]) -> Runner:
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("bulk", "bulk, iperf3 1 stream", "iperf", ("iperf3",), BULK_METRICS, _iperf([])),
-    Scenario("bulk-reverse", "bulk reverse, iperf3 -R", "iperf", ("iperf3",), BULK_METRICS, _iperf(["-R"])),
-    Scenario("bulk-8", "bulk 8 streams, iperf3 -P 8", "iperf", ("iperf3",), BULK_METRICS, _iperf(["-P", "8"])),
     Scenario(
-        "connect-rate", "new connections/s, redis-benchmark -k 0 -c 32 ping_inline", "redis",
-        ("redis-benchmark",), (Metric("rps", "connections/s", "conn/s"),),
-        _redis_benchmark(["-k", "0", "-c", "32", "-t", "ping_inline"], "PING_INLINE", False),
+        "bulk", "bulk, iperf3 1 stream", "iperf", ("iperf3",), BULK_METRICS, _iperf([])
+    ),
+    Scenario(
+        "bulk-reverse",
+        "bulk reverse, iperf3 -R",
+        "iperf",
+        ("iperf3",),
+        BULK_METRICS,
+        _iperf(["-R"]),
+    ),
+    Scenario(
+        "bulk-8",
+        "bulk 8 streams, iperf3 -P 8",
+        "iperf",
+        ("iperf3",),
+        BULK_METRICS,
+        _iperf(["-P", "8"]),
+    ),
+    Scenario(
+        "connect-rate",
+        "new connections/s, redis-benchmark -k 0 -c 32 ping_inline",
+        "redis",
+        ("redis-benchmark",),
+        (Metric("rps", "connections/s", "conn/s"),),
+        _redis_benchmark(
+            ["-k", "0", "-c", "32", "-t", "ping_inline"], "PING_INLINE", False
+        ),
         first_rate=1200,
     ),
     Scenario(
-        "get", "small requests, redis-benchmark GET -c 50", "redis", ("redis-benchmark",),
-        (Metric("rps", "requests/s", "req/s"),
-         Metric("p50_ms", "p50 latency", "ms", higher_is_better=False),
-         Metric("p99_ms", "p99 latency", "ms", higher_is_better=False)),
+        "get",
+        "small requests, redis-benchmark GET -c 50",
+        "redis",
+        ("redis-benchmark",),
+        (
+            Metric("rps", "requests/s", "req/s"),
+            Metric("p50_ms", "p50 latency", "ms", higher_is_better=False),
+            Metric("p99_ms", "p99 latency", "ms", higher_is_better=False),
+        ),
         _redis_benchmark(["-k", "1", "-c", "50", "-t", "get"], "GET", True),
         first_rate=8000,
     ),
     Scenario(
-        "pipelined", "pipelined GET, redis-benchmark -c 50 -P 32", "redis", ("redis-benchmark",),
+        "pipelined",
+        "pipelined GET, redis-benchmark -c 50 -P 32",
+        "redis",
+        ("redis-benchmark",),
         (Metric("rps", "requests/s", "req/s"),),
-        _redis_benchmark(["-k", "1", "-c", "50", "-P", "32", "-t", "get"], "GET", False),
+        _redis_benchmark(
+            ["-k", "1", "-c", "50", "-P", "32", "-t", "get"], "GET", False
+        ),
         first_rate=300000,
     ),
     Scenario(
-        "idle-memory", "idle memory per proxied connection", "redis", (),
+        "idle-memory",
+        "idle memory per proxied connection",
+        "redis",
+        (),
         (Metric("kib_per_conn", "KiB per connection", "KiB", higher_is_better=False),),
-        _idle_memory, fresh=True, direct=False,
+        _idle_memory,
+        fresh=True,
+        direct=False,
     ),
     Scenario(
-        "tls-handshakes", "TLS handshakes/s, openssl s_time -new (ECDSA P-256)", "redis",
-        ("openssl",), (Metric("handshakes_per_s", "handshakes/s", "hs/s"),),
-        _tls_handshakes, tls=True, direct=False,
+        "tls-handshakes",
+        "TLS handshakes/s, openssl s_time -new (ECDSA P-256)",
+        "redis",
+        ("openssl",),
+        (Metric("handshakes_per_s", "handshakes/s", "hs/s"),),
+        _tls_handshakes,
+        tls=True,
+        direct=False,
     ),
     Scenario(
-        "tls-bulk", "TLS bulk, Python ssl client -> discard server", "sink", (),
-        BULK_METRICS, _tls_bulk, tls=True, direct=False,
+        "tls-bulk",
+        "TLS bulk, Python ssl client -> discard server",
+        "sink",
+        (),
+        BULK_METRICS,
+        _tls_bulk,
+        tls=True,
+        direct=False,
     ),
-    Scenario("pgbench", "pgbench -S -c 8", "pg", ("pgbench", "psql"),
-             (Metric("tps", "transactions/s", "tps"),), _pgbench([])),
-    Scenario("pgbench-connect", "pgbench -S -C -c 8 (new connection per transaction)", "pg",
-             ("pgbench", "psql"), (Metric("tps", "transactions/s", "tps"),), _pgbench(["-C"])),
+    Scenario(
+        "pgbench",
+        "pgbench -S -c 8",
+        "pg",
+        ("pgbench", "psql"),
+        (Metric("tps", "transactions/s", "tps"),),
+        _pgbench([]),
+    ),
+    Scenario(
+        "pgbench-connect",
+        "pgbench -S -C -c 8 (new connection per transaction)",
+        "pg",
+        ("pgbench", "psql"),
+        (Metric("tps", "transactions/s", "tps"),),
+        _pgbench(["-C"]),
+    ),
 )
 
 
@@ -267,5 +364,7 @@ def by_name(names: list[str]) -> list[Scenario]:
     known = {s.name for s in SCENARIOS}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}"
+        )
     return [s for s in SCENARIOS if s.name in names]

@@ -49,7 +49,11 @@ class Side(asyncio.Protocol):
         # transports again died with "double free" under redis-benchmark -k 0.
         self.transport = None
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+        if (
+            peer is not None
+            and peer.transport is not None
+            and not peer.transport.is_closing()
+        ):
             peer.transport.close()
 
     def pause_writing(self) -> None:
@@ -80,7 +84,9 @@ async def serve(listen_port: int, host: str, port: int) -> asyncio.Server:
         else:
             client.transport.resume_reading()  # type: ignore[union-attr]
 
-    return await loop.create_server(lambda: Side(connect), "127.0.0.1", listen_port, backlog=1024)
+    return await loop.create_server(
+        lambda: Side(connect), "127.0.0.1", listen_port, backlog=1024
+    )
 
 
 async def main(specs: list[str]) -> None:
