@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import env
-from bench.procs import Process, StartError, free_port, run
+from bench.procs import Process, StartError, free_port, run, stop_all
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
@@ -176,8 +176,7 @@ class Backends:
         )
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+        stop_all(self.processes)
         if self.pg_database:
             with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
                 self._psql(f'DROP DATABASE IF EXISTS "{self.pg_database}" WITH (FORCE)')

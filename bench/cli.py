@@ -25,7 +25,7 @@ from typing import Any
 from bench import backends as backends_mod
 from bench import env, report
 from bench.contenders import Contender, Instance, Settings, all_contenders
-from bench.procs import REPO, StartError
+from bench.procs import REPO, StartError, stop_all
 from bench.scenarios import SCENARIOS, Context, Scenario, by_name
 
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 repeat, short runs, 200 idle connections (smoke run)",
+        help="1 repeat, 0.5 s runs, 200 idle connections (smoke run)",
     )
     parser.add_argument(
         "--repeats", type=int, help="interleaved repeats (default 3; 1 with --quick)"
@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--duration",
         type=float,
-        help="seconds per measurement (default 2; 1 with --quick)",
+        help="seconds per measurement (default 2; 0.5 with --quick)",
     )
     parser.add_argument(
         "--idle-connections",
@@ -87,7 +87,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.duration = args.duration or (1.0 if args.quick else 2.0)
+    args.duration = args.duration or (0.5 if args.quick else 2.0)
     args.idle_connections = args.idle_connections or (200 if args.quick else 5000)
     if args.repeats < 1 or args.duration <= 0 or args.idle_connections < 1:
         parser.error("--repeats, --duration and --idle-connections must be positive")
@@ -160,9 +160,9 @@ class Run:
         return self.instances[key]
 
     def stop_all(self) -> None:
-        for instance in self.instances.values():
-            if instance is not None:
-                instance.stop()
+        stop_all(
+            [p for i in self.instances.values() if i is not None for p in i.processes]
+        )
         self.instances.clear()
 
     def eligible(self, scenario: Scenario, contender: Contender) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env
-from bench.procs import Process, StartError, free_port
+from bench.procs import Process, StartError, free_port, stop_all
 
 TWISTD = Path(sys.executable).parent / "twistd"
 PLAIN_KINDS = ("iperf", "redis", "pg")
@@ -54,8 +54,7 @@ class Instance:
         ]
 
     def stop(self) -> None:
-        for p in self.processes:
-            p.stop()
+        stop_all(self.processes)
 
     def dead(self) -> str | None:
         """Why the instance is gone (a process exited), or None while all run."""

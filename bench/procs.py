@@ -98,12 +98,16 @@ class Process:
                 )
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL it if still there after ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
+    def terminate(self) -> None:
+        """SIGTERM the process group (``wait_stopped`` finishes the job)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Wait for the process to exit; SIGKILL its group after ``timeout``."""
+        if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -111,10 +115,24 @@ class Process:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it if still there after ``timeout``."""
+        self.terminate()
+        self.wait_stopped(timeout)
+
+
+def stop_all(processes: Sequence[Process]) -> None:
+    """Stop ``processes`` together: signal them all, then wait for each."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait_stopped()
+
 
 def _pythonpath() -> str:
     existing = os.environ.get("PYTHONPATH")
-    return f"{REPO}{os.pathsep}{existing}" if existing else str(REPO)
+    # The caller's PYTHONPATH first: it may point at another l4lb checkout.
+    return f"{existing}{os.pathsep}{REPO}" if existing else str(REPO)
 
 
 def run(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> str:
