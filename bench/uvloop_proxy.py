@@ -3,7 +3,8 @@
 Usage: ``python -m bench.uvloop_proxy LISTEN_PORT:HOST:PORT [...]``.  Each
 argument forwards 127.0.0.1:LISTEN_PORT to HOST:PORT.  Flow control uses the
 transports' write-buffer callbacks (pause the other side's reading while a
-side's buffer is full), half-close passes EOF on; nothing else.
+side's buffer is full), half-close passes EOF on, and bytes or an EOF that
+arrive before the backend is connected are passed on once it is; nothing else.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Side(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is None or peer.transport is None:
-            return False  # no backend yet: close
+            return True  # no backend yet: connect() passes the EOF on
         if peer.eof:  # both directions done
             peer.transport.close()
             return False
@@ -82,6 +83,8 @@ async def serve(listen_port: int, host: str, port: int) -> asyncio.Server:
         if client.transport is None or client.transport.is_closing():
             server.transport.close()  # type: ignore[union-attr]
         else:
+            if client.eof:  # the client finished sending before we connected
+                server.transport.write_eof()  # type: ignore[union-attr]
             client.transport.resume_reading()  # type: ignore[union-attr]
 
     return await loop.create_server(

@@ -9,6 +9,7 @@ it is for, that the report renders from a ``results.json``, and (smoke) that
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tomllib
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from bench import parsers, report
-from bench.contenders import L4LB, HAProxy, Settings, deep_merge, toml_dumps
-from bench.env import find_tool
+from bench.contenders import L4LB, HAProxy, Nginx, Settings, deep_merge, toml_dumps
+from bench.env import find_tool, nginx_stream_module
+from bench.procs import Process, free_port
 from l4lb.config import parse_config
 
 DATA = Path(__file__).parent / "data" / "bench"
@@ -153,6 +155,44 @@ class TestConfigs:
         assert config.global_.log_format == "console"
         assert config.global_.log_level == "warning"
 
+    def test_l4lb_tls_config(self, tmp_path: Path) -> None:
+        """TLS mode follows the issue 4 contract: [frontend.X.tls] certificates = [{cert, key}]."""
+        settings = _settings(tmp_path)
+        settings.cert, settings.key = tmp_path / "c.pem", tmp_path / "k.pem"
+        config = L4LB().config(settings, {"redis": 7002}, tls=True)
+        assert config["frontend"]["redis"]["tls"] == {
+            "certificates": [{"cert": str(settings.cert), "key": str(settings.key)}]
+        }
+        assert tomllib.loads(toml_dumps(config)) == config
+
+    @pytest.mark.skipif(not nginx_stream_module(), reason="no nginx stream module")
+    @pytest.mark.parametrize("tls", [False, True])
+    def test_nginx_config_is_valid(self, tmp_path: Path, tls: bool) -> None:
+        """nginx -t accepts the generated stream config."""
+        settings = _settings(tmp_path)
+        if tls:
+            from bench.backends import certificate
+
+            settings.cert, settings.key = certificate(tmp_path)
+        path = tmp_path / "nginx.conf"
+        path.write_text(Nginx().config(settings, tmp_path, {"redis": 7002}, tls))
+        out = subprocess.run(
+            [
+                find_tool("nginx"),
+                "-t",
+                "-p",
+                str(tmp_path),
+                "-e",
+                str(tmp_path / "e.log"),
+                "-c",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
     @pytest.mark.skipif(not find_tool("haproxy"), reason="haproxy not installed")
     @pytest.mark.parametrize("splice", [False, True])
     def test_haproxy_config_is_valid(self, tmp_path: Path, splice: bool) -> None:
@@ -259,6 +299,50 @@ class TestReport:
         pytest.importorskip("matplotlib")
         assert tmp_path / "chart.png" in written
         assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.e2e
+class TestUvloopProxy:
+    def test_forwards_and_half_closes(self, tmp_path: Path) -> None:
+        """The uvloop anchor carries bytes both ways and passes the client's FIN on."""
+        pytest.importorskip("uvloop")
+        with socket.create_server(("127.0.0.1", 0)) as backend:
+            port = free_port()
+            proxy = Process(
+                "uvloop",
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.uvloop_proxy",
+                    f"{port}:127.0.0.1:{backend.getsockname()[1]}",
+                ],
+                tmp_path,
+            )
+            proxy.start()
+            try:
+                proxy.wait_listening([port])
+                with socket.create_connection(
+                    ("127.0.0.1", port), timeout=10
+                ) as client:
+                    client.sendall(b"x" * 100_000)
+                    client.shutdown(socket.SHUT_WR)
+                    backend.settimeout(10)
+                    server, _ = backend.accept()
+                    with server:
+                        server.settimeout(10)
+                        received = b""
+                        while chunk := server.recv(65536):  # ends at the client's FIN
+                            received += chunk
+                        assert received == b"x" * 100_000
+                        server.sendall(b"reply")
+                        server.shutdown(socket.SHUT_WR)
+                        reply = b""
+                        while chunk := client.recv(65536):
+                            reply += chunk
+                        assert reply == b"reply"
+            finally:
+                proxy.stop()
+            assert proxy.proc is not None and proxy.proc.returncode is not None
 
 
 @pytest.mark.e2e
