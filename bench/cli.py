@@ -19,6 +19,7 @@ import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,23 @@ class Run:
             self.instances[key] = self.start(contender, tls)
         return self.instances[key]
 
+    def start_together(self, scenario: Scenario) -> None:
+        """Start every contender this scenario needs that is not running yet, at once.
+
+        Starting is mostly waiting (twistd imports, listening); doing it in
+        parallel saves that wait per contender.  The instances are idle until
+        their turn comes.
+        """
+        wanted = [
+            c
+            for c in self.args.contender_list
+            if self.eligible(scenario, c)
+            and (c.name, scenario.tls) not in self.instances
+            and self.contender_status(c) == "ok"
+        ]
+        with ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
+            list(pool.map(lambda c: self.instance(c, scenario.tls), wanted))
+
     def stop_all(self) -> None:
         stop_all(
             [p for i in self.instances.values() if i is not None for p in i.processes]
@@ -248,6 +266,8 @@ class Run:
                             f"scenario {scenario.name} skipped: no {scenario.backend} backend"
                         )
                         continue
+                    if not scenario.fresh:
+                        self.start_together(scenario)
                     for repeat in range(args.repeats):
                         for contender in args.contender_list:
                             if self.eligible(scenario, contender):

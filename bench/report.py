@@ -194,6 +194,8 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(f"- **l4lb config extra:** `{meta['l4lb_config_extra']!s}`")
     out += [
         "",
+        "![Each contender's median as a ratio to HAProxy with 1 thread](chart.png)",
+        "",
         "Medians of the repeats, with the spread ((max - min) / median) in",
         "parentheses. Only ratios inside one run mean anything on a shared machine.",
         "",
