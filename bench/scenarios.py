@@ -159,6 +159,8 @@ def hold_connections(
                     if not chunk:
                         raise RuntimeError("connection closed before PONG")
                     reply += chunk
+                if reply != b"+PONG\r\n":  # e.g. -ERR max number of clients reached
+                    raise RuntimeError(f"backend replied {reply!r} to PING")
     except BaseException:
         for s in held:
             s.close()
