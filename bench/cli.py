@@ -282,7 +282,7 @@ class Run:
                     "%Y-%m-%d %H:%M UTC"
                 ),
                 "machine": env.machine(),
-                "versions": env.versions(REPO),
+                "versions": env.versions(),
                 "repeats": args.repeats,
                 "duration": args.duration,
                 "idle_connections": args.idle_connections,

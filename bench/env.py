@@ -100,7 +100,7 @@ def git_describe(repo: Path) -> str:
         )
     except OSError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    return out.stdout.strip() or f"unknown (not a git checkout: {repo})"
 
 
 def machine() -> dict[str, str]:
@@ -119,12 +119,39 @@ def machine() -> dict[str, str]:
     }
 
 
-def versions(repo: Path) -> dict[str, str]:
+def l4lb_checkout() -> Path | None:
+    """The checkout whose ``l4lb`` package the contenders' ``twistd`` imports.
+
+    Asked of a child interpreter with the contenders' ``PYTHONPATH`` and a
+    neutral working directory, as ``twistd`` runs, so that with
+    ``PYTHONPATH=/other/checkout`` the report names the l4lb measured.
+    """
+    from bench.procs import child_env
+
+    code = "import l4lb, os; print(os.path.dirname(os.path.abspath(l4lb.__file__)))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd="/",
+            env=child_env(),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    path = out.stdout.strip()
+    return Path(path).parent if out.returncode == 0 and path else None
+
+
+def versions() -> dict[str, str]:
     """Versions of everything in the comparison, as each tool reports it."""
     import twisted
 
+    checkout = l4lb_checkout()
     result = {
-        "l4lb": git_describe(repo),
+        "l4lb": git_describe(checkout) if checkout else "not importable",
         "python": sys.version.split()[0],
         "twisted": twisted.__version__,
     }

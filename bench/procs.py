@@ -62,7 +62,7 @@ class Process:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})},
+                env={**child_env(), **(env or {})},
                 start_new_session=True,  # our own group: signals reach only it
             )
 
@@ -127,6 +127,11 @@ def stop_all(processes: Sequence[Process]) -> None:
         process.terminate()
     for process in processes:
         process.wait_stopped()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every helper and contender process."""
+    return {**os.environ, "PYTHONPATH": _pythonpath()}
 
 
 def _pythonpath() -> str:
