@@ -341,13 +341,15 @@ def chart(data: dict[str, Any], path: Path) -> bool:
             heights.append(median / scale)
             lows.append((median - min(vals)) / scale)
             highs.append((max(vals) - median) / scale)
-        ax.barh(
+        bars = ax.barh(
             range(len(shown)),
             heights,
             xerr=[lows, highs],
             color=[colors[n] for n in shown],
             capsize=2,
         )
+        ax.bar_label(bars, fmt="%.2f" if base else "%.3g", fontsize=6, padding=2)
+        ax.margins(x=0.12)
         ax.set_yticks(range(len(shown)), shown, fontsize=7)
         ax.invert_yaxis()
         if base:
@@ -364,7 +366,7 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         f"l4lb benchmark, {data['meta']['date']} (medians, bars = min..max)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
