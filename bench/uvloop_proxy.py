@@ -14,6 +14,8 @@ import sys
 
 
 class Side(asyncio.Protocol):
+    """One side of a proxied connection; ``peer`` is the other side."""
+
     def __init__(self, on_accept=None) -> None:  # type: ignore[no-untyped-def]
         self.on_accept = on_accept
         self.peer: Side | None = None
@@ -31,7 +33,7 @@ class Side(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
-        else:  # backend still connecting: reading is paused, keep what came
+        else:  # backend still connecting (bytes read before the pause): keep them
             self.pending.append(data)
 
     def eof_received(self) -> bool:
