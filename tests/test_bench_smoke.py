@@ -17,8 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import parsers, report
-from bench.contenders import L4LB, HAProxy, Nginx, Settings, deep_merge, toml_dumps
+from bench import cli, parsers, report
+from bench.contenders import (
+    L4LB,
+    Contender,
+    Direct,
+    HAProxy,
+    Nginx,
+    Settings,
+    deep_merge,
+    toml_dumps,
+)
 from bench.env import find_tool, nginx_stream_module
 from bench.procs import Process, free_port
 from l4lb.config import parse_config
@@ -343,6 +352,47 @@ class TestUvloopProxy:
             finally:
                 proxy.stop()
             assert proxy.proc is not None and proxy.proc.returncode is not None
+
+
+class Missing(Contender):
+    """A contender whose program is not installed."""
+
+    name = label = "missing"
+
+    def unavailable(self) -> str | None:
+        return "missing-proxy not found (Debian package: missing-proxy)"
+
+
+class Broken(Contender):
+    """A contender that exits at once instead of listening."""
+
+    name = label = "broken"
+
+    def processes(self, settings, directory, ports, tls):  # type: ignore[no-untyped-def]
+        argv = [sys.executable, "-c", "import sys; sys.exit('bad config line 3')"]
+        return [Process("broken", argv, directory)]
+
+
+@pytest.mark.e2e
+class TestSkips:
+    def test_missing_and_broken_contenders(self, tmp_path: Path) -> None:
+        """A missing or failing contender is reported and skipped; the others run."""
+        if not find_tool("redis-server") or not find_tool("redis-benchmark"):
+            pytest.skip("redis not installed")
+        args = cli.parse_args(["--quick", "--duration", "0.2", "--only", "get"])
+        args.contender_list = [Direct(), Missing(), Broken()]
+        data = cli.Run(args, tmp_path).execute()
+        status = {c["name"]: c["status"] for c in data["contenders"]}
+        assert status["direct"] == "ok"
+        assert (
+            status["missing"]
+            == "missing-proxy not found (Debian package: missing-proxy)"
+        )
+        assert "bad config line 3" in status["broken"]
+        assert [(s["contender"], "rps" in s["metrics"]) for s in data["samples"]] == [
+            ("direct", True)
+        ]
+        assert "contender **broken**" in report.markdown(data)
 
 
 @pytest.mark.e2e
