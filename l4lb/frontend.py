@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
 from l4lb.proxy import ClientProtocol, EndpointForServer, Session, format_address
+from l4lb.tls.pgstarttls import PostgresNegotiation
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -95,8 +96,15 @@ class Frontend(ServerFactory):
         self._reading = False  # actual state of the listening socket
         self._pauses = 0  # pauses at a cap since the last report
         self._pause_reported_at: float | None = None
+        # The server TLS connection creator of a TLS frontend (startTLS argument).
+        self.tls_creator: object | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
+        tls = self.config.tls
+        if tls is not None and tls.starttls == "postgres":
+            negotiation = PostgresNegotiation(self, self.tls_creator, tls)
+            negotiation.factory = self
+            return negotiation  # type: ignore[return-value]
         protocol = ClientProtocol(self)
         protocol.factory = self
         return protocol
@@ -109,6 +117,16 @@ class Frontend(ServerFactory):
         self.cap.live += 1
         if self.room() <= 0:
             self.cap.changed()
+
+    def session_handing_over(self, session: Session) -> None:
+        """A client that negotiated (STARTTLS) becomes a `Session`, keeping its slot.
+
+        The session registers itself at once; freeing the slot in between
+        would resume accepting for nothing.
+        """
+        self.sessions.discard(session)
+        self.accepted -= 1
+        self.cap.live -= 1
 
     def session_finished(self, session: Session) -> None:
         self.sessions.discard(session)

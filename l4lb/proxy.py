@@ -33,6 +33,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorFDSet,
     IReadDescriptor,
+    ISSLTransport,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -82,6 +83,9 @@ class ClientProtocol(Protocol):
     """The accepted client side of a session."""
 
     session: Session
+    # Bytes read before the session started (a STARTTLS negotiation, see
+    # l4lb.tls.pgstarttls): the splice passes them on before anything else.
+    early: bytes = b""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -284,6 +288,9 @@ class Session:
         self._client_paces_server = True
         client_transport.registerProducer(server_transport, True)
         self._server_paces_client = True
+        if self.client.early:
+            early, self.client.early = self.client.early, b""
+            self.client.dataReceived(early)
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
         self._arm_timer()
@@ -308,8 +315,8 @@ class Session:
         self._set_reason("server closed")
         self.last_activity = self.clock.seconds()
         self._unpace_client()
-        if self._client_eof:
-            self._close_both()
+        if self._client_eof or ISSLTransport.providedBy(self.client.transport):
+            self._close_both()  # TLS cannot half-close: flush, close_notify, close
         else:
             self.client.transport.loseWriteConnection()
             self._arm_timer()
