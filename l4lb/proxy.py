@@ -324,6 +324,9 @@ class Session:
     def client_lost(self, reason: Failure | None) -> None:
         self._stop_watching()
         self._client_gone = True
+        # Its producer registration went with it (a TLS transport cannot even
+        # unregister once gone).
+        self._server_paces_client = False
         self._set_reason("client closed")
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None

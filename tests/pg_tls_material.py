@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 ALPN = [b"postgresql"]
 
@@ -129,10 +129,9 @@ def server_creator(files: PgTLSFiles, alpn: list[bytes] | None = None) -> Any:
     Stands in for the creator the TLS termination module builds from
     ``[frontend.X.tls]``: TLS 1.2 minimum, ALPN ``postgresql`` offered.
     """
-    leaf = PrivateCertificate.loadPEM(files.cert.read_text() + files.key.read_text())
     return CertificateOptions(
-        privateKey=leaf.privateKey.original,
-        certificate=leaf.original,
+        privateKey=serialization.load_pem_private_key(files.key.read_bytes(), None),
+        certificate=x509.load_pem_x509_certificate(files.cert.read_bytes()),
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableProtocols=ALPN if alpn is None else alpn,
     )
