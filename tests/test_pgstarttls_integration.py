@@ -13,6 +13,7 @@ keeps serving while they wait.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -26,11 +27,12 @@ import pytest
 import pytest_twisted
 from structlog.testing import capture_logs
 from twisted.internet import reactor, threads, utils
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from l4lb.config import CertificateConfig, FrontendTLSConfig, parse_config
 from l4lb.service import L4LBService
 from l4lb.tls.pgstarttls import SSL_REQUEST
-from tests.loopback import L4LB, Lab, config_text
+from tests.loopback import CLOSE, L4LB, Lab, MiB, Peer, config_text
 from tests.pg_tls_material import PgTLSFiles, make_material, server_creator
 
 PG = "127.0.0.1:5432"
@@ -418,3 +420,70 @@ class TestRefusals:
         assert backend.peers == []
         (line,) = closed_lines(logs)
         assert line["reason"] == "bad startup packet"
+
+
+INTEGRITY = 16 * MiB
+
+
+def tls_client_options(material: PgTLSFiles) -> Any:
+    """A verifying client (trusting the test CA) for ``startTLS`` after ``S``."""
+    ca = Certificate.loadPEM(material.ca.read_bytes())
+    return optionsForClientTLS("localhost", trustRoot=ca)
+
+
+async def starttls_client(lab: Lab, port: int, material: PgTLSFiles) -> Peer:
+    """A client that sends an SSLRequest, reads ``S``, and starts verified TLS."""
+    client = await lab.connect(port, lab.peer())
+    client.send(SSL_REQUEST)
+    await lab.until(lambda: client.received >= 1, 10, "the S answer")
+    assert client.received == 1
+    client.transport.startTLS(tls_client_options(material))
+    # From here on count only what comes through TLS.
+    client.sha, client.received = hashlib.sha256(), 0
+    return client
+
+
+class TestIntegrity:
+    @pytest_twisted.ensureDeferred
+    async def test_client_to_server(self, lab: Lab, material: PgTLSFiles) -> None:
+        """16 MiB of random bytes through STARTTLS termination arrive intact (SHA-256)."""
+        backend = lab.backend(lambda: lab.peer(close_on_eof=True))
+        lb = pg_lb(lab, material, servers={"b": backend.address})
+        with capture_logs() as logs:
+            client = await starttls_client(lab, lb.port, material)
+            sent = await lab.wait(client.send_random(INTEGRITY), 120, "send")
+            await lab.until(lambda: backend.peers, what="backend connected")
+            server = backend.peers[0]
+            await lab.until(lambda: server.received >= INTEGRITY, 60, "all bytes")
+            assert server.digest == sent
+            client.transport.loseConnection()
+            await lab.wait(client.closed.wait(), 10, "client closed")
+            await lab.wait(server.closed.wait(), 10, "server closed")
+            await drained(lab, lb)
+        (line,) = closed_lines(logs)
+        assert line["bytes_from_client"] == INTEGRITY
+        no_errors(logs)
+
+    @pytest_twisted.ensureDeferred
+    async def test_server_to_client(self, lab: Lab, material: PgTLSFiles) -> None:
+        """16 MiB from the server reach the TLS client intact, then the close does."""
+
+        async def send_on_connect(peer: Peer) -> None:
+            await peer.send_random(INTEGRITY, then=CLOSE)
+
+        backend = lab.backend(lambda: lab.peer(send_on_connect))
+        lb = pg_lb(lab, material, servers={"b": backend.address})
+        with capture_logs() as logs:
+            client = await starttls_client(lab, lb.port, material)
+            await lab.wait(client.closed.wait(), 120, "client closed")
+            await drained(lab, lb)
+        source = backend.peers[0].source
+        assert source is not None
+        assert client.digest == source.digest
+        assert client.digest.size == INTEGRITY
+        (line,) = closed_lines(logs)
+        assert (line["bytes_from_server"], line["reason"]) == (
+            INTEGRITY,
+            "server closed",
+        )
+        no_errors(logs)
