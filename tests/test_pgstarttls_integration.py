@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -487,3 +488,104 @@ class TestIntegrity:
             "server closed",
         )
         no_errors(logs)
+
+
+def _sleeping_query(conn: psycopg.Connection[Any]) -> str:
+    """Run a long pg_sleep; how it ended (run in a thread)."""
+    try:
+        conn.execute("SELECT pg_sleep(30)")
+    except psycopg.errors.QueryCanceled:
+        return "cancelled"
+    return "finished"
+
+
+def _sleeping(application_name: str) -> bool:
+    """Ask the server directly whether that client's pg_sleep is running."""
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres") as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event = 'PgSleep'",
+            (application_name,),
+        ).fetchone()
+    return row == (1,)
+
+
+async def wait_sleeping(lab: Lab, application_name: str) -> None:
+    """Poll (from a thread: the check blocks) until the client's pg_sleep runs."""
+    deadline = reactor.seconds() + 15
+    while not await threads.deferToThread(_sleeping, application_name):
+        assert reactor.seconds() < deadline, f"{application_name}: no pg_sleep"
+        await lab.until(lambda: True, step=0.05)
+
+
+class TestCancel:
+    """Cancel requests open a new connection, so they meet the plaintext policy.
+
+    (psycopg's blocking ``cancel()`` holds the GIL while it waits, which would
+    stall this in-process l4lb; psql's Ctrl-C, a separate process, stands in.)
+    """
+
+    @pytest.mark.skipif(
+        psycopg.pq.version() < DIRECT_TLS_LIBPQ,
+        reason="libpq < 17 has no encrypted cancel",
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_encrypted_cancel_cancels(
+        self, lab: Lab, material: PgTLSFiles
+    ) -> None:
+        """libpq 17's cancel (PQcancelCreate) negotiates TLS like the session and cancels."""
+        lb = pg_lb(lab, material)
+        info = conninfo(lb.port, material, "verify-full", application_name="pgtls-c1")
+        conn = await lab.wait(
+            threads.deferToThread(psycopg.connect, info), 20, "connect"
+        )
+        try:
+            with capture_logs() as logs:
+                query = threads.deferToThread(_sleeping_query, conn)
+                await wait_sleeping(lab, "pgtls-c1")
+                await lab.wait(threads.deferToThread(conn.cancel_safe), 10, "cancel")
+                assert await lab.wait(query, 10, "query") == "cancelled"
+                await lab.until(lambda: closed_lines(logs), 10, "cancel logged")
+            (line,) = closed_lines(logs)
+            assert (line["server"], line["reason"]) == ("pg", "server closed")
+        finally:
+            await lab.wait(threads.deferToThread(conn.close), 10, "close")
+        await drained(lab, lb)
+
+    @pytest.mark.skipif(PSQL is None, reason="psql is not installed")
+    @pytest.mark.parametrize("plaintext", ["refuse", "allow"])
+    @pytest_twisted.ensureDeferred
+    async def test_plaintext_cancel(
+        self, lab: Lab, material: PgTLSFiles, tmp_path: Path, plaintext: str
+    ) -> None:
+        """psql's Ctrl-C sends its CancelRequest unencrypted: refused or passed per ``plaintext``."""
+        lb = pg_lb(lab, material, plaintext=plaintext)
+        info = conninfo(lb.port, material, "require", application_name="pgtls-c2")
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+        assert PSQL is not None
+        with capture_logs() as logs:
+            done = utils.getProcessOutputAndValue(
+                "/bin/sh",
+                ["-c", f'exec {PSQL} -X -A -t -c "SELECT pg_sleep(2), 1" "{info}"'],
+                env=env,
+            )
+            await wait_sleeping(lab, "pgtls-c2")
+            pids = [
+                int(p)
+                for p in os.popen("pgrep -f 'application_name=pgtls-c2'").read().split()
+            ]
+            assert pids
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+            out, err, code = await lab.wait(done, 20, "psql")
+            await drained(lab, lb)
+        assert "Cancel request sent" in err.decode()
+        refused = [e for e in closed_lines(logs) if e["reason"] == "plaintext refused"]
+        if plaintext == "refuse":
+            assert [e["detail"] for e in refused] == ["CancelRequest without TLS"]
+            # The server never got it: the query was not cancelled (psql still
+            # exits 1, having been interrupted, with no result).
+            assert "canceling statement" not in err.decode()
+        else:
+            assert refused == []
+            assert "canceling statement due to user request" in err.decode()
