@@ -76,7 +76,9 @@ def run_l4lb(tmp_path: Path) -> Iterator[Callable[..., L4LB]]:
     def run(config: str) -> L4LB:
         runner = L4LB(tmp_path, name=f"l4lb-{len(runners)}")
         runners.append(runner)
-        return runner.start(config)
+        # One frontend (the default readiness counts "[frontend." headers,
+        # which the TLS sub-table would double).
+        return runner.start(config, ready=lambda r: len(r.events("listening")) >= 1)
 
     yield run
     for runner in runners:
