@@ -407,6 +407,20 @@ class TestEnding:
         assert lab.h.clock.getDelayedCalls() == []
         assert lab.attempts == []
 
+    def test_refused_client_that_never_closes_is_aborted(self) -> None:
+        """After a refusal, a client that never reads or closes is aborted at the timeout."""
+        lab = Lab(handshake_timeout=5.0)
+        protocol, transport = lab.accept()
+        lab.h.clock.advance(1)
+        protocol.dataReceived(STARTUP)
+        assert transport.disconnecting and not transport.disconnected
+        lab.h.clock.advance(4.9)
+        assert not transport.disconnected  # a full timeout from the refusal
+        lab.h.clock.advance(0.2)
+        assert transport.disconnected
+        transport.lose()
+        assert lab.h.clock.getDelayedCalls() == []
+
     def test_garbage_closed_and_logged(self) -> None:
         """Another protocol's bytes are closed at once with the reason."""
         lab = Lab()

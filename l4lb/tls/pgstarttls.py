@@ -190,6 +190,7 @@ class PostgresNegotiation(Protocol):
         self._reason: str | None = None
         self._detail: str | None = None
         self._started = 0.0
+        self._lost = False
 
     # -- the frontend's view: a slot holder it can close at shutdown --------
 
@@ -377,8 +378,14 @@ class PostgresNegotiation(Protocol):
         self._cancel_timer()
         if abort:
             self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+            return
+        # Flush (the ErrorResponse, TLS close_notify), but a peer that never
+        # reads or never answers close_notify is aborted after the timeout.
+        self.transport.loseConnection()
+        if not self._lost:
+            self._timer = self.clock.callLater(
+                self.config.handshake_timeout, self.transport.abortConnection
+            )
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -391,6 +398,7 @@ class PostgresNegotiation(Protocol):
             assert self.client is not None
             self.client.connectionLost(reason)
             return
+        self._lost = True
         self._cancel_timer()
         if self._reason is None:
             if reason is not None and reason.check(SSL.Error):
