@@ -382,7 +382,7 @@ class PostgresNegotiation(Protocol):
         # Flush (the ErrorResponse, TLS close_notify), but a peer that never
         # reads or never answers close_notify is aborted after the timeout.
         self.transport.loseConnection()
-        if not self._lost:
+        if not self._lost and self.config.handshake_timeout > 0:
             self._timer = self.clock.callLater(
                 self.config.handshake_timeout, self.transport.abortConnection
             )
@@ -413,7 +413,7 @@ class PostgresNegotiation(Protocol):
         self._state = _State.CLOSING
         fields: dict[str, Any] = {
             "frontend": self.frontend.name,
-            "pool": self.frontend.pool.name,
+            "pool": getattr(self.frontend.pool, "name", None),
             "server": None,
             "client": format_address(self.transport.getPeer()),
             "connect_time": None,
