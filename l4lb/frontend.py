@@ -96,13 +96,13 @@ class Frontend(ServerFactory):
         self._reading = False  # actual state of the listening socket
         self._pauses = 0  # pauses at a cap since the last report
         self._pause_reported_at: float | None = None
-        # The server TLS connection creator of a TLS frontend (startTLS argument).
-        self.tls_creator: object | None = None
+        # TLS termination: the server TLS connection creator (startTLS argument).
+        self.tls: object | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
         tls = self.config.tls
         if tls is not None and tls.starttls == "postgres":
-            negotiation = PostgresNegotiation(self, self.tls_creator, tls)
+            negotiation = PostgresNegotiation(self, self.tls, tls)
             negotiation.factory = self
             return negotiation  # type: ignore[return-value]
         protocol = ClientProtocol(self)

@@ -99,7 +99,7 @@ class Lab:
 
     def __init__(self, servers: int = 1, **tls: Any) -> None:
         self.h = Harness(servers, frontend={"tls": tls_config(**tls)})
-        self.h.frontend.tls_creator = CREATOR
+        self.h.frontend.tls = CREATOR
 
     def accept(self) -> tuple[PostgresNegotiation, TLSFakeTransport]:
         addr = IPv4Address("TCP", "10.0.0.7", 40000)
@@ -478,7 +478,7 @@ class TestSlots:
         """At the frontend cap, negotiating clients stop further accepts."""
         lab = Lab()
         lab.h = Harness(1, frontend={"tls": tls_config(), "max_connections": 1})
-        lab.h.frontend.tls_creator = CREATOR
+        lab.h.frontend.tls = CREATOR
         lab.accept()
         assert lab.h.frontend.room() == 0
 

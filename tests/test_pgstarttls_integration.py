@@ -73,7 +73,6 @@ def pg_lb(
     lab: Lab,
     material: PgTLSFiles,
     servers: dict[str, str] | None = None,
-    alpn: list[bytes] | None = None,
     **tls: Any,
 ) -> L4LB:
     """Start l4lb with a ``starttls = "postgres"`` frontend ``fe`` (ephemeral port)."""
@@ -89,7 +88,10 @@ def pg_lb(
     )
     service = L4LBService(attrs.evolve(config, frontends=(frontend_config,)), reactor)
     frontend = service.frontends["fe"]
-    frontend.tls_creator = server_creator(material, alpn)
+    if frontend.tls is None:  # no TLS termination wired up: bring Twisted's own
+        frontend.tls = server_creator(
+            material, [name.encode() for name in frontend_config.tls.alpn]
+        )
     service.startService()
     assert frontend.port is not None
     lb = L4LB(service, frontend, frontend.port.getHost().port)

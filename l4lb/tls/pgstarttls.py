@@ -318,6 +318,8 @@ class PostgresNegotiation(Protocol):
         client = ClientProtocol(frontend)
         client.factory = frontend
         client.early = early
+        # No half-close over TLS: the data path's server_eof closes instead.
+        client.can_half_close = not tls  # type: ignore[attr-defined]
         self.client = client
         if not tls:
             # Plain TCP: step out, the transport delivers to the session directly.
