@@ -73,6 +73,8 @@ class Frontend(ServerFactory):
     """
 
     noisy = False  # "listening" is logged once, in our own format
+    # TLS termination: the server TLS connection creator (startTLS argument).
+    tls: object | None = None
 
     def __init__(
         self,
@@ -96,8 +98,6 @@ class Frontend(ServerFactory):
         self._reading = False  # actual state of the listening socket
         self._pauses = 0  # pauses at a cap since the last report
         self._pause_reported_at: float | None = None
-        # TLS termination: the server TLS connection creator (startTLS argument).
-        self.tls: object | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
         tls = self.config.tls
