@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ PG = "127.0.0.1:5432"
 PSQL = shutil.which("psql")
 OPENSSL = shutil.which("openssl")
 DIRECT_TLS_LIBPQ = 170000  # libpq 17 added sslnegotiation=direct
+_STARTUP_BODY = b"user\0postgres\0database\0postgres\0\0"
+STARTUP_PACKET = struct.pack("!ii", 8 + len(_STARTUP_BODY), 196608) + _STARTUP_BODY
 
 
 def _postgres_up() -> bool:
@@ -411,6 +414,37 @@ class TestRefusals:
         assert backend.peers == []
         (line,) = closed_lines(logs)
         assert line["reason"] == "handshake timeout"
+
+    @pytest.mark.parametrize(
+        ("after_s", "reasons"),
+        [
+            # OpenSSL reads a startup packet's first bytes as a TLS record
+            # header with a length of 11520 and waits for it: the timeout ends it.
+            (STARTUP_PACKET, ("handshake timeout", "tls handshake failed")),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ("tls handshake failed",)),
+        ],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_plaintext_after_s_never_reaches_server(
+        self, lab: Lab, material: PgTLSFiles, after_s: bytes, reasons: tuple[str, ...]
+    ) -> None:
+        """A client that gets ``S`` and goes on in plaintext is closed, never reaching a server."""
+        backend = lab.backend(lab.peer)
+        lb = pg_lb(lab, material, servers={"b": backend.address}, handshake_timeout=0.5)
+        with capture_logs() as logs:
+            client = await lab.connect(lb.port, lab.peer(keep=True, close_on_eof=True))
+            client.send(SSL_REQUEST)
+            await lab.until(lambda: client.received >= 1, 10, "the S answer")
+            client.send(after_s)
+            await lab.wait(client.closed.wait(), 10, "client closed by l4lb")
+            await drained(lab, lb)
+        assert bytes(client.data or b"")[:1] == b"S"
+        assert backend.peers == []
+        (line,) = closed_lines(logs)
+        assert line["reason"] in reasons
+        assert line["tls"] == "sslrequest"
+        if line["reason"] == "tls handshake failed":
+            assert line["detail"] and "[(" not in line["detail"]  # reasons, not tuples
 
     @pytest_twisted.ensureDeferred
     async def test_garbage_closed(self, lab: Lab, material: PgTLSFiles) -> None:
