@@ -327,10 +327,8 @@ class PostgresNegotiation(Protocol):
         client.makeConnection(self.transport)
 
     def _tls_details(self) -> dict[str, Any]:
-        try:
-            connection = self.transport.getHandle()
-        except Exception:
-            return {}
+        get_handle = getattr(self._tls, "getHandle", None)  # None: plaintext
+        connection = get_handle() if get_handle is not None else None
         if not isinstance(connection, SSL.Connection):
             return {}
         alpn = connection.get_alpn_proto_negotiated()
