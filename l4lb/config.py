@@ -1147,6 +1147,18 @@ def _finish_frontend_tls(
             _join(path, "plaintext"),
             "has no effect without starttls (a TLS-only frontend has no plaintext)",
         )
+    if values.get("starttls") == "postgres":
+        alpn = values.get("alpn", ())
+        if "alpn" not in raw:
+            # libpq 17+ direct TLS (sslnegotiation=direct) must negotiate ALPN
+            # "postgresql"; older clients send no ALPN and are unaffected.
+            values["alpn"] = ("postgresql",)
+        elif "postgresql" not in alpn:
+            ctx.report(
+                _join(path, "alpn"),
+                'must include "postgresql" with starttls = "postgres"'
+                " (libpq's direct TLS requires it)",
+            )
     return usable
 
 

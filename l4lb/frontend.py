@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
 from l4lb.proxy import ClientProtocol, EndpointForServer, Session, format_address
+from l4lb.tls.pgstarttls import PostgresNegotiation
 from l4lb.tls.termination import ServerTLS, TLSClientProtocol
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class Frontend(ServerFactory):
     """
 
     noisy = False  # "listening" is logged once, in our own format
+    # TLS termination: the server TLS connection creator (startTLS argument).
+    tls: object | None = None
 
     def __init__(
         self,
@@ -103,6 +106,11 @@ class Frontend(ServerFactory):
         self._pause_reported_at: float | None = None
 
     def buildProtocol(self, addr: IAddress) -> ClientProtocol:
+        tls = self.config.tls
+        if tls is not None and tls.starttls == "postgres":
+            negotiation = PostgresNegotiation(self, self.tls, tls)
+            negotiation.factory = self
+            return negotiation  # type: ignore[return-value]
         protocol = (TLSClientProtocol if self.terminates_tls else ClientProtocol)(self)
         protocol.factory = self
         return protocol
@@ -126,6 +134,16 @@ class Frontend(ServerFactory):
         self.cap.live += 1
         if self.room() <= 0:
             self.cap.changed()
+
+    def session_handing_over(self, session: Session) -> None:
+        """A client that negotiated (STARTTLS) becomes a `Session`, keeping its slot.
+
+        The session registers itself at once; freeing the slot in between
+        would resume accepting for nothing.
+        """
+        self.sessions.discard(session)
+        self.accepted -= 1
+        self.cap.live -= 1
 
     def session_finished(self, session: Session) -> None:
         self.sessions.discard(session)

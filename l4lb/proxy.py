@@ -86,6 +86,10 @@ class ClientProtocol(Protocol):
     session: Session
     # False for TLS clients: no half-close, a server FIN closes with close_notify.
     can_half_close = True
+    # Client bytes read before a server was connected (decrypted with the
+    # last handshake flight, or during a STARTTLS negotiation): the splice
+    # passes them on before anything else.
+    early: bytes = b""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -104,9 +108,6 @@ class ClientProtocol(Protocol):
             session.read_early(data)
             return
         session.server.transport.write(data)
-
-    def spliced(self) -> None:
-        """Hook: the backend is connected, just before the client is resumed."""
 
     def readConnectionLost(self) -> None:
         self.session.client_eof()
@@ -321,7 +322,9 @@ class Session:
         self._client_paces_server = True
         client_transport.registerProducer(server_transport, True)
         self._server_paces_client = True
-        self.client.spliced()
+        if self.client.early:
+            early, self.client.early = self.client.early, b""
+            self.client.dataReceived(early)
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
         self._arm_timer()
@@ -365,6 +368,9 @@ class Session:
     def client_lost(self, reason: Failure | None) -> None:
         self._stop_watching()
         self._client_gone = True
+        # Its producer registration went with it (a TLS transport cannot even
+        # unregister once gone).
+        self._server_paces_client = False
         self._set_reason("client closed")
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None

@@ -294,7 +294,6 @@ class TLSClientProtocol(ClientProtocol):
     def connectionMade(self) -> None:
         # Not paused: the handshake must be read. Counted at once (caps).
         _tune(self.transport)
-        self._early: list[bytes] = []
         self.session = Session(self.frontend, self)
         self.session.start(connect=False)
         timeout = self.frontend.config.tls.handshake_timeout  # type: ignore[union-attr]
@@ -316,16 +315,11 @@ class TLSClientProtocol(ClientProtocol):
         if self.session.server is None:
             # Application bytes decrypted from the same read as the client's
             # last handshake flight (TLS 1.3 clients send both at once). The
-            # transport is paused, so this is at most one socket read.
-            self._early.append(data)
-            self.session.bytes_from_client += len(data)
+            # transport is paused, so this is at most one socket read; the
+            # splice passes it on first (counted then).
+            self.early += data
             return
         super().dataReceived(data)
-
-    def spliced(self) -> None:
-        if self._early:
-            early, self._early = b"".join(self._early), []
-            self.session.server.transport.write(early)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancel_timer()
