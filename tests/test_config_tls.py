@@ -97,6 +97,18 @@ class TestParsing:
         assert parsed.starttls == "postgres"
         assert parsed.plaintext == "allow"
 
+    def test_starttls_postgres_offers_alpn_postgresql(self) -> None:
+        """With starttls = "postgres", ALPN defaults to "postgresql" (libpq direct TLS)."""
+        assert tls_of('starttls = "postgres"\n').alpn == ("postgresql",)
+
+    def test_starttls_postgres_alpn_must_include_postgresql(self) -> None:
+        """An alpn list without "postgresql" would refuse libpq's direct TLS."""
+        with pytest.raises(ConfigError) as caught:
+            tls_of('starttls = "postgres"\nalpn = ["h2"]\n')
+        [problem] = caught.value.problems
+        assert problem.key == "frontend.f.tls.alpn"
+        assert 'must include "postgresql"' in problem.message
+
     def test_array_of_tables_form(self) -> None:
         """[[frontend.X.tls.certificates]] tables work like the inline array, in order."""
         document = text("", pair=False) + (

@@ -329,9 +329,13 @@ class TestPsycopg:
             await drained(lab, lb)
         assert (result["one"], result["tls_to_l4lb"]) == (1, True)
         negotiated = [e for e in logs if e["event"] == "postgres negotiation done"]
-        assert [(e["mode"], e["alpn"]) for e in negotiated] == [
+        assert [(e["mode"], e["tls_alpn"]) for e in negotiated] == [
             ("direct", "postgresql")
         ]
+        # The session's own line carries the TLS fields, as on a TLS frontend.
+        [closed] = [e for e in logs if e["event"] == "connection closed"]
+        assert closed["tls_alpn"] == "postgresql"
+        assert closed["tls_version"] in ("TLSv1.2", "TLSv1.3")
         no_errors(logs)
 
 
