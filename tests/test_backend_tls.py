@@ -25,8 +25,8 @@ from zope.interface import implementer
 from l4lb.config import ConfigError, parse_config
 from l4lb.tls.backend import CLOSE_LINGER, TLSClientEndpoint, check_backend_tls
 from tests.loopback import CLOSE, HALF_CLOSE, Backend, Lab, MiB, Peer, _Once
-from tests.sni_tls_material import CA, server_options
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend
+from tests.tls_material import CA, server_options
 
 BULK = 64 * MiB
 

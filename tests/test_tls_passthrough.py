@@ -16,9 +16,9 @@ from structlog.testing import capture_logs
 from twisted.internet import reactor
 
 from tests.loopback import Lab, Peer
-from tests.sni_tls_material import CA, peer_common_name
 from tests.test_clienthello import python_hello
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend, tls_connect
+from tests.tls_material import CA, peer_common_name
 
 
 @pytest_twisted.async_yield_fixture
