@@ -17,7 +17,7 @@ from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import wrapClientTLS
 
 from l4lb.config import CheckStep, HealthConfig
-from tests.checkpeers import Fake, endpoint, lab, run_check
+from tests.checkpeers import Fake, endpoint, lab, run_check, run_on_fake
 from tests.loopback import Backend, Lab
 from tests.tls_material import CA, TLSMaterial
 
@@ -62,14 +62,6 @@ def tls_backend(lab: Lab, pki: PKI, script: Any = None) -> Backend:
     return backend
 
 
-async def check_on(
-    lab: Lab, backend: Backend, config: HealthConfig, ep: Any = None
-) -> Any:
-    result = await run_check(config, ep or endpoint(backend.port.getHost().port))
-    await lab.until(lambda: not backend.live, 5, "the probe's connection to close")
-    return result
-
-
 class TestHandshake:
     """A handshake, with and without certificate verification."""
 
@@ -77,7 +69,7 @@ class TestHandshake:
     async def test_unverified(self, lab: Any, pki: PKI) -> None:
         """Without verify any certificate will do."""
         backend = tls_backend(lab, pki)
-        result = await check_on(lab, backend, HealthConfig(type="tls"))
+        result = await run_on_fake(lab, backend, HealthConfig(type="tls"))
         assert result.ok
         assert result.reason.startswith("TLS handshake completed (TLSv1.")
 
@@ -88,7 +80,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.ca_path), server_name=NAME
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert result.ok
         assert result.reason.endswith(f"certificate valid for {NAME}")
 
@@ -97,7 +89,7 @@ class TestHandshake:
         """Without server_name the certificate must name the server's IP address."""
         backend = tls_backend(lab, pki)
         config = HealthConfig(type="tls", verify=True, ca=str(pki.ca_path))
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert result.ok, result.reason
 
     @pytest_twisted.ensureDeferred
@@ -107,7 +99,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.ca_path), server_name="other.l4lb.test"
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert result.reason.startswith(
             "TLS certificate does not match the server name"
@@ -121,7 +113,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.other_ca_path), server_name=NAME
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert "certificate verify failed" in result.reason
 
@@ -130,14 +122,14 @@ class TestHandshake:
         """An unreadable ca file fails the probes with the reason, not the service."""
         backend = tls_backend(lab, pki)
         config = HealthConfig(type="tls", verify=True, ca=str(tmp_path / "nope.pem"))
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert result.reason.startswith("cannot load ca ")
 
     @pytest_twisted.ensureDeferred
     async def test_plain_server(self, lab: Any) -> None:
         """A server that does not speak TLS fails the handshake."""
-        from tests.checkpeers import fake_server, run_on_fake
+        from tests.checkpeers import fake_server
 
         async def script(fake: Fake) -> None:
             await fake.take(1)
@@ -165,7 +157,7 @@ class TestBackendTLS:
     async def test_tls_check_uses_the_pool_layer(self, lab: Any, pki: PKI) -> None:
         """The tls check does not add a second layer; the pool's handshake is the check."""
         backend = tls_backend(lab, pki)
-        result = await check_on(
+        result = await run_on_fake(
             lab, backend, HealthConfig(type="tls"), self.wrapped(pki, backend)
         )
         assert result.ok
@@ -176,7 +168,7 @@ class TestBackendTLS:
         """The pool's own verification failing is the check's reason."""
         backend = tls_backend(lab, pki)
         ep = self.wrapped(pki, backend, name="wrong.l4lb.test")
-        result = await check_on(lab, backend, HealthConfig(type="tls"), ep)
+        result = await run_on_fake(lab, backend, HealthConfig(type="tls"), ep)
         assert not result.ok
         assert result.reason.startswith("TLS certificate does not match")
 
@@ -192,7 +184,7 @@ class TestBackendTLS:
         config = HealthConfig(
             type="send-expect", steps=(CheckStep(send=b"PING\r\n", expect=b"+PONG"),)
         )
-        result = await check_on(lab, backend, config, self.wrapped(pki, backend))
+        result = await run_on_fake(lab, backend, config, self.wrapped(pki, backend))
         assert (result.ok, result.reason) == (True, "1 step(s) matched")
 
     @pytest_twisted.ensureDeferred
