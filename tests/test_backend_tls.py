@@ -31,14 +31,6 @@ from tests.tls_material import CA, server_options
 BULK = 64 * MiB
 
 
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
-
-
 @pytest.fixture(scope="module")
 def ca() -> CA:
     return CA()
