@@ -63,6 +63,11 @@ async def round_trip(lab: Lab, port: int, message: bytes = b"ping") -> bytes:
     return bytes(client.data)
 
 
+def verified(ca: CA, tmp_path: Path, server_name: str) -> str:
+    """[pool.p.tls] lines that verify servers against ``ca`` for ``server_name``."""
+    return f'ca = "{ca.write(tmp_path)}"\nserver_name = "{server_name}"'
+
+
 async def finished(lab: Lab, lb: Any) -> None:
     await lab.until(lambda: not lb.frontend.sessions, 10, "sessions finished")
 
@@ -76,7 +81,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
             ),
         )
         with capture_logs() as logs:
@@ -126,7 +131,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [bad.address, good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='balance = "first"',
             ),
         )
@@ -152,7 +157,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [bad.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool="retries = 1",
             ),
         )
@@ -181,8 +186,8 @@ class TestClientCertificate:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "db.internal"\n'
-                f'cert = "{cert}"\nkey = "{key}"',
+                verified(ca, tmp_path, "db.internal")
+                + f'\ncert = "{cert}"\nkey = "{key}"',
             ),
         )
         client = await lab.connect(lb.port, lab.peer(keep=True))
@@ -206,7 +211,7 @@ class TestClientCertificate:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "db.internal"',
+                verified(ca, tmp_path, "db.internal"),
                 pool="retries = 0",
             ),
         )
@@ -240,7 +245,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [echo.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "echo.internal"',
+                verified(ca, tmp_path, "echo.internal"),
             ),
         )
         client = await lab.connect(lb.port, lab.peer())
@@ -263,7 +268,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [echo.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "echo.internal"',
+                verified(ca, tmp_path, "echo.internal"),
             ),
         )
         with capture_logs() as logs:
@@ -288,7 +293,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "s.internal"',
+                verified(ca, tmp_path, "s.internal"),
             ),
         )
         client = await lab.connect(lb.port, lab.peer(keep=True))
@@ -355,7 +360,7 @@ class TestHandshakeLimits:
             lab,
             config(
                 [silent.address, good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='balance = "first"\nconnect_timeout = "300ms"',
             ),
         )
@@ -377,7 +382,7 @@ class TestHandshakeLimits:
             lab,
             config(
                 [silent.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='connect_timeout = "30s"',
             ),
         )
@@ -448,7 +453,7 @@ class TestUnixServers:
             lab,
             config(
                 [f"unix:{path}"],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "sock.internal"',
+                verified(ca, tmp_path, "sock.internal"),
             ),
         )
         assert await round_trip(lab, lb.port) == b"I am unix\nping"
