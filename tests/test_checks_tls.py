@@ -17,6 +17,7 @@ from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import wrapClientTLS
 
 from l4lb.config import CheckStep, HealthConfig
+from tests import tls_lab
 from tests.checkpeers import Fake, endpoint, lab, run_check, run_on_fake
 from tests.loopback import Backend, Lab
 from tests.tls_material import CA, TLSMaterial
@@ -51,15 +52,7 @@ def tls_backend(lab: Lab, pki: PKI, script: Any = None) -> Backend:
     async def idle(fake: Fake) -> None:
         pass
 
-    backend = Backend(lambda: Fake(script or idle, lab))
-    backend.port = reactor.listenSSL(
-        0, backend, pki.server_options(), interface="127.0.0.1"
-    )
-    port = backend.port.getHost().port
-    backend.address = f"127.0.0.1:{port}"
-    lab.tcp_ports.append(("127.0.0.1", port))
-    lab.backends.append(backend)
-    return backend
+    return tls_lab.tls_backend(lab, pki.server, lambda: Fake(script or idle, lab))
 
 
 class TestHandshake:
