@@ -67,6 +67,10 @@ class Backends:
         self.pg_database: str | None = None
 
     def _start(self, kind: str, name: str, argv: list[str], port: int) -> None:
+        """Run ``argv`` as ``name`` listening on ``port``, or say why not in problems."""
+        if not env.find_tool(argv[0]):
+            self.problems[kind] = env.missing_message(argv[0])
+            return
         process = Process(name, argv, self.workdir)
         try:
             process.start()
@@ -79,43 +83,37 @@ class Backends:
 
     def start(self, kinds: set[str], max_clients: int) -> None:
         if "redis" in kinds:
-            if not env.find_tool("redis-server"):
-                self.problems["redis"] = env.missing_message("redis-server")
-            else:
-                port = free_port()
-                self._start(
-                    "redis",
+            port = free_port()
+            self._start(
+                "redis",
+                "redis-server",
+                [
                     "redis-server",
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--daemonize",
-                        "no",
-                        "--maxclients",
-                        str(max_clients),
-                        "--logfile",
-                        "",
-                    ],
-                    port,
-                )
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--maxclients",
+                    str(max_clients),
+                    "--logfile",
+                    "",
+                ],
+                port,
+            )
         if "iperf" in kinds:
-            if not env.find_tool("iperf3"):
-                self.problems["iperf"] = env.missing_message("iperf3")
-            else:
-                port = free_port()
-                self._start(
-                    "iperf",
-                    "iperf3-server",
-                    ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
-                    port,
-                )
+            port = free_port()
+            self._start(
+                "iperf",
+                "iperf3-server",
+                ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+                port,
+            )
         if "sink" in kinds:
             port = free_port()
             self._start(

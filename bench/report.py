@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,33 @@ def contenders_in(data: dict[str, Any]) -> list[str]:
     return [c["name"] for c in data["contenders"] if c["name"] in measured]
 
 
+Row = dict[str, Any]
+
+
+def _table(
+    data: dict[str, Any],
+    columns: list[str],
+    heading: Callable[[Row, Row], tuple[str, str]],
+    cells: Callable[[Row, Row], list[str]],
+) -> list[str]:
+    """A scenario x metric Markdown table, one column per contender.
+
+    The figures and the ratios tables differ only in their row headings and
+    cells; the arrow says which way is better.
+    """
+    lines = [
+        "| scenario | metric | " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for scenario in data["scenarios"]:
+        for metric in scenario["metrics"]:
+            where, what = heading(scenario, metric)
+            arrow = "↑" if metric["higher_is_better"] else "↓"
+            row = " | ".join(cells(scenario, metric))
+            lines.append(f"| {where} | {what} {arrow} | {row} |")
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     meta = data["meta"]
@@ -201,28 +229,28 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Figures",
         "",
-        "| scenario | metric | " + " | ".join(labels[n] for n in names) + " |",
-        "|---|---|" + "---:|" * len(names),
     ]
-    for scenario in data["scenarios"]:
-        for metric in scenario["metrics"]:
-            cells = []
-            for name in names:
-                vals = values.get((scenario["name"], metric["key"], name))
-                if vals:
-                    median, spread = summary(vals)
-                    cell = _fmt(median)
-                    if len(vals) > 1:
-                        cell += f" ({spread:.0%})"
-                    cells.append(cell)
-                else:
-                    cells.append("n/a")
-            arrow = "↑" if metric["higher_is_better"] else "↓"
-            out.append(
-                f"| {scenario['title']} | {metric['label']} ({metric['unit']}) {arrow} | "
-                + " | ".join(cells)
-                + " |"
-            )
+
+    def figure(scenario: dict[str, Any], metric: dict[str, Any], name: str) -> str:
+        vals = values.get((scenario["name"], metric["key"], name))
+        if not vals:
+            return "n/a"
+        median, spread = summary(vals)
+        return _fmt(median) + (f" ({spread:.0%})" if len(vals) > 1 else "")
+
+    def ratios(scenario: dict[str, Any], metric: dict[str, Any], name: str) -> str:
+        parts = []
+        for vs in (REFERENCE, DIRECT):
+            r = ratio(values, scenario["name"], metric["key"], name, vs)
+            parts.append(f"{r:.2f}" if r is not None else "n/a")
+        return " / ".join(parts) if any(p != "n/a" for p in parts) else "n/a"
+
+    out += _table(
+        data,
+        [labels[n] for n in names],
+        lambda s, m: (s["title"], f"{m['label']} ({m['unit']})"),
+        lambda s, m: [figure(s, m, n) for n in names],
+    )
     out += [
         "",
         "## Ratios",
@@ -231,26 +259,13 @@ def markdown(data: dict[str, Any]) -> str:
         f" then median / {DIRECT}'s median. ↑ metrics: higher is better;"
         " ↓ metrics (latency, CPU, memory): lower is better.",
         "",
-        "| scenario | metric | " + " | ".join(labels[n] for n in names) + " |",
-        "|---|---|" + "---:|" * len(names),
     ]
-    for scenario in data["scenarios"]:
-        for metric in scenario["metrics"]:
-            cells = []
-            for name in names:
-                parts = []
-                for vs in (REFERENCE, DIRECT):
-                    r = ratio(values, scenario["name"], metric["key"], name, vs)
-                    parts.append(f"{r:.2f}" if r is not None else "n/a")
-                cells.append(
-                    " / ".join(parts) if any(p != "n/a" for p in parts) else "n/a"
-                )
-            arrow = "↑" if metric["higher_is_better"] else "↓"
-            out.append(
-                f"| {scenario['name']} | {metric['key']} {arrow} | "
-                + " | ".join(cells)
-                + " |"
-            )
+    out += _table(
+        data,
+        [labels[n] for n in names],
+        lambda s, m: (s["name"], m["key"]),
+        lambda s, m: [ratios(s, m, n) for n in names],
+    )
     out += [
         "",
         "## Targets (issue 5)",

@@ -165,11 +165,23 @@ async def run_check(config: HealthConfig, ep: Any, timeout: float = 10) -> Check
         raise AssertionError(f"check did not finish in {timeout}s") from None
 
 
-async def run_on_fake(lab: Lab, server: Backend, config: HealthConfig) -> CheckResult:
-    """One probe against a fake server; the probe must have closed its connection."""
-    result = await run_check(config, endpoint(server.port.getHost().port))
+async def run_on_fake(
+    lab: Lab, server: Backend, config: HealthConfig, ep: Any = None
+) -> CheckResult:
+    """One probe against a fake server; the probe must have closed its connection.
+
+    ``ep`` replaces the plain TCP endpoint to the server (a TLS-wrapped one, say).
+    """
+    result = await run_check(config, ep or endpoint(server.port.getHost().port))
     await lab.until(lambda: not server.live, 5, "the probe's connection to close")
     return result
+
+
+def password_file(tmp_path: Path, password: str) -> str:
+    """A ``password_file`` holding ``password`` and a newline, as editors leave it."""
+    path = tmp_path / "password"
+    path.write_text(password + "\n")
+    return str(path)
 
 
 @contextlib.contextmanager

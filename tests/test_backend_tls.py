@@ -25,18 +25,10 @@ from zope.interface import implementer
 from l4lb.config import ConfigError, parse_config
 from l4lb.tls.backend import CLOSE_LINGER, TLSClientEndpoint, check_backend_tls
 from tests.loopback import CLOSE, HALF_CLOSE, Backend, Lab, MiB, Peer, _Once
-from tests.sni_tls_material import CA, server_options
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend
+from tests.tls_material import CA, server_options
 
 BULK = 64 * MiB
-
-
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +63,11 @@ async def round_trip(lab: Lab, port: int, message: bytes = b"ping") -> bytes:
     return bytes(client.data)
 
 
+def verified(ca: CA, tmp_path: Path, server_name: str) -> str:
+    """[pool.p.tls] lines that verify servers against ``ca`` for ``server_name``."""
+    return f'ca = "{ca.write(tmp_path)}"\nserver_name = "{server_name}"'
+
+
 async def finished(lab: Lab, lb: Any) -> None:
     await lab.until(lambda: not lb.frontend.sessions, 10, "sessions finished")
 
@@ -84,7 +81,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
             ),
         )
         with capture_logs() as logs:
@@ -134,7 +131,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [bad.address, good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='balance = "first"',
             ),
         )
@@ -160,7 +157,7 @@ class TestVerifiedTLS:
             lab,
             config(
                 [bad.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool="retries = 1",
             ),
         )
@@ -189,8 +186,8 @@ class TestClientCertificate:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "db.internal"\n'
-                f'cert = "{cert}"\nkey = "{key}"',
+                verified(ca, tmp_path, "db.internal")
+                + f'\ncert = "{cert}"\nkey = "{key}"',
             ),
         )
         client = await lab.connect(lb.port, lab.peer(keep=True))
@@ -214,7 +211,7 @@ class TestClientCertificate:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "db.internal"',
+                verified(ca, tmp_path, "db.internal"),
                 pool="retries = 0",
             ),
         )
@@ -248,7 +245,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [echo.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "echo.internal"',
+                verified(ca, tmp_path, "echo.internal"),
             ),
         )
         client = await lab.connect(lb.port, lab.peer())
@@ -271,7 +268,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [echo.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "echo.internal"',
+                verified(ca, tmp_path, "echo.internal"),
             ),
         )
         with capture_logs() as logs:
@@ -296,7 +293,7 @@ class TestBulkAndClosing:
             lab,
             config(
                 [server.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "s.internal"',
+                verified(ca, tmp_path, "s.internal"),
             ),
         )
         client = await lab.connect(lb.port, lab.peer(keep=True))
@@ -363,7 +360,7 @@ class TestHandshakeLimits:
             lab,
             config(
                 [silent.address, good.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='balance = "first"\nconnect_timeout = "300ms"',
             ),
         )
@@ -385,7 +382,7 @@ class TestHandshakeLimits:
             lab,
             config(
                 [silent.address],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "redis.internal"',
+                verified(ca, tmp_path, "redis.internal"),
                 pool='connect_timeout = "30s"',
             ),
         )
@@ -456,7 +453,7 @@ class TestUnixServers:
             lab,
             config(
                 [f"unix:{path}"],
-                f'ca = "{ca.write(tmp_path)}"\nserver_name = "sock.internal"',
+                verified(ca, tmp_path, "sock.internal"),
             ),
         )
         assert await round_trip(lab, lb.port) == b"I am unix\nping"

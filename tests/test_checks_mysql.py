@@ -32,6 +32,7 @@ from tests.checkpeers import (
     endpoint,
     fake_server,
     lab,
+    password_file,
     run_check,
     run_on_fake,
 )
@@ -279,12 +280,6 @@ class MyFake:
                 fake.write(result_set([flag]))
 
 
-def pw_file(tmp_path: Path, password: str) -> str:
-    path = tmp_path / "mypass"
-    path.write_text(password + "\n")
-    return str(path)
-
-
 class TestFakeMySQL:
     """Replica, refusals and the login variants, played by a fake server."""
 
@@ -348,7 +343,7 @@ class TestFakeMySQL:
         my = MyFake(lab, password="s3cret", plugin=plugin, switch_to=switch_to)
         config = HealthConfig(
             type="mysql", role="primary", user="monitor",
-            password_file=pw_file(tmp_path, "s3cret"),
+            password_file=password_file(tmp_path, "s3cret"),
         )  # fmt: skip
         result = await run_on_fake(lab, my.server, config)
         assert (result.ok, result.reason) == (True, "role is primary")
@@ -359,7 +354,7 @@ class TestFakeMySQL:
         """A wrong password is the server's Access denied."""
         my = MyFake(lab, password="s3cret")
         config = HealthConfig(
-            type="mysql", user="monitor", password_file=pw_file(tmp_path, "nope")
+            type="mysql", user="monitor", password_file=password_file(tmp_path, "nope")
         )
         result = await run_on_fake(lab, my.server, config)
         assert (result.ok, result.reason) == (
@@ -372,7 +367,7 @@ class TestFakeMySQL:
         """caching_sha2 full authentication (TLS or RSA) is reported as unsupported."""
         my = MyFake(lab, password="s3cret", plugin=CACHING_SHA2, full_auth=True)
         config = HealthConfig(
-            type="mysql", user="m", password_file=pw_file(tmp_path, "s3cret")
+            type="mysql", user="m", password_file=password_file(tmp_path, "s3cret")
         )
         result = await run_on_fake(lab, my.server, config)
         assert (result.ok, result.reason) == (

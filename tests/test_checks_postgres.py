@@ -28,6 +28,7 @@ from tests.checkpeers import (
     endpoint,
     fake_server,
     lab,
+    password_file,
     run_check,
     run_on_fake,
 )
@@ -259,12 +260,6 @@ class PgFake:
                 return False
             fake.write(auth(12, server.get_server_final().encode()))
         return True
-
-
-def password_file(tmp_path: Path, password: str) -> str:
-    path = tmp_path / "pgpass"
-    path.write_text(password + "\n")
-    return str(path)
 
 
 class TestFakePostgres:

@@ -8,116 +8,37 @@ through it.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import wrapClientTLS
 
 from l4lb.config import CheckStep, HealthConfig
-from tests.checkpeers import Fake, endpoint, lab, run_check
+from tests import tls_lab
+from tests.checkpeers import Fake, endpoint, lab, run_check, run_on_fake
 from tests.loopback import Backend, Lab
+from tests.tls_material import CA, TLSMaterial
 
 __all__ = ["lab"]
 
 NAME = "db.l4lb.test"
 
 
-def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 class PKI:
     """A CA, a server certificate it signed, and an unrelated CA, as files."""
 
     def __init__(self, tmp_path: Path) -> None:
-        ca_key, self.ca = make_ca("l4lb test CA")
-        self.key, self.cert = make_server_cert(ca_key, self.ca)
-        _, other = make_ca("some other CA")
-        self.ca_path = tmp_path / "ca.pem"
-        self.ca_path.write_bytes(pem(self.ca))
-        self.other_ca_path = tmp_path / "other.pem"
-        self.other_ca_path.write_bytes(pem(other))
+        material = TLSMaterial(tmp_path)
+        self.ca_pem = material.ca.cert_pem
+        self.ca_path = material.ca.cert_path
+        self.server = material.server("server", NAME)
+        self.other_ca_path = CA("some other CA").write(tmp_path, "other")
 
     def server_options(self) -> ssl.CertificateOptions:
-        key_pem = self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        private = ssl.PrivateCertificate.loadPEM(key_pem + pem(self.cert))
-        return private.options()
+        return self.server.private_certificate().options()
 
 
 @pytest.fixture
@@ -131,23 +52,7 @@ def tls_backend(lab: Lab, pki: PKI, script: Any = None) -> Backend:
     async def idle(fake: Fake) -> None:
         pass
 
-    backend = Backend(lambda: Fake(script or idle, lab))
-    backend.port = reactor.listenSSL(
-        0, backend, pki.server_options(), interface="127.0.0.1"
-    )
-    port = backend.port.getHost().port
-    backend.address = f"127.0.0.1:{port}"
-    lab.tcp_ports.append(("127.0.0.1", port))
-    lab.backends.append(backend)
-    return backend
-
-
-async def check_on(
-    lab: Lab, backend: Backend, config: HealthConfig, ep: Any = None
-) -> Any:
-    result = await run_check(config, ep or endpoint(backend.port.getHost().port))
-    await lab.until(lambda: not backend.live, 5, "the probe's connection to close")
-    return result
+    return tls_lab.tls_backend(lab, pki.server, lambda: Fake(script or idle, lab))
 
 
 class TestHandshake:
@@ -157,7 +62,7 @@ class TestHandshake:
     async def test_unverified(self, lab: Any, pki: PKI) -> None:
         """Without verify any certificate will do."""
         backend = tls_backend(lab, pki)
-        result = await check_on(lab, backend, HealthConfig(type="tls"))
+        result = await run_on_fake(lab, backend, HealthConfig(type="tls"))
         assert result.ok
         assert result.reason.startswith("TLS handshake completed (TLSv1.")
 
@@ -168,7 +73,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.ca_path), server_name=NAME
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert result.ok
         assert result.reason.endswith(f"certificate valid for {NAME}")
 
@@ -177,7 +82,7 @@ class TestHandshake:
         """Without server_name the certificate must name the server's IP address."""
         backend = tls_backend(lab, pki)
         config = HealthConfig(type="tls", verify=True, ca=str(pki.ca_path))
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert result.ok, result.reason
 
     @pytest_twisted.ensureDeferred
@@ -187,7 +92,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.ca_path), server_name="other.l4lb.test"
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert result.reason.startswith(
             "TLS certificate does not match the server name"
@@ -201,7 +106,7 @@ class TestHandshake:
         config = HealthConfig(
             type="tls", verify=True, ca=str(pki.other_ca_path), server_name=NAME
         )
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert "certificate verify failed" in result.reason
 
@@ -210,14 +115,14 @@ class TestHandshake:
         """An unreadable ca file fails the probes with the reason, not the service."""
         backend = tls_backend(lab, pki)
         config = HealthConfig(type="tls", verify=True, ca=str(tmp_path / "nope.pem"))
-        result = await check_on(lab, backend, config)
+        result = await run_on_fake(lab, backend, config)
         assert not result.ok
         assert result.reason.startswith("cannot load ca ")
 
     @pytest_twisted.ensureDeferred
     async def test_plain_server(self, lab: Any) -> None:
         """A server that does not speak TLS fails the handshake."""
-        from tests.checkpeers import fake_server, run_on_fake
+        from tests.checkpeers import fake_server
 
         async def script(fake: Fake) -> None:
             await fake.take(1)
@@ -237,7 +142,7 @@ class TestBackendTLS:
     """With the pool's backend TLS the endpoint is TLS already."""
 
     def wrapped(self, pki: PKI, backend: Backend, name: str = NAME) -> Any:
-        trust = ssl.Certificate.loadPEM(pem(pki.ca))
+        trust = ssl.Certificate.loadPEM(pki.ca_pem)
         options = ssl.optionsForClientTLS(name, trustRoot=trust)
         return wrapClientTLS(options, endpoint(backend.port.getHost().port))
 
@@ -245,7 +150,7 @@ class TestBackendTLS:
     async def test_tls_check_uses_the_pool_layer(self, lab: Any, pki: PKI) -> None:
         """The tls check does not add a second layer; the pool's handshake is the check."""
         backend = tls_backend(lab, pki)
-        result = await check_on(
+        result = await run_on_fake(
             lab, backend, HealthConfig(type="tls"), self.wrapped(pki, backend)
         )
         assert result.ok
@@ -256,7 +161,7 @@ class TestBackendTLS:
         """The pool's own verification failing is the check's reason."""
         backend = tls_backend(lab, pki)
         ep = self.wrapped(pki, backend, name="wrong.l4lb.test")
-        result = await check_on(lab, backend, HealthConfig(type="tls"), ep)
+        result = await run_on_fake(lab, backend, HealthConfig(type="tls"), ep)
         assert not result.ok
         assert result.reason.startswith("TLS certificate does not match")
 
@@ -272,7 +177,7 @@ class TestBackendTLS:
         config = HealthConfig(
             type="send-expect", steps=(CheckStep(send=b"PING\r\n", expect=b"+PONG"),)
         )
-        result = await check_on(lab, backend, config, self.wrapped(pki, backend))
+        result = await run_on_fake(lab, backend, config, self.wrapped(pki, backend))
         assert (result.ok, result.reason) == (True, "1 step(s) matched")
 
     @pytest_twisted.ensureDeferred
@@ -292,7 +197,7 @@ class TestBackendTLS:
         site.noisy = False
         port = reactor.listenSSL(0, site, pki.server_options(), interface="127.0.0.1")
         try:
-            trust = ssl.Certificate.loadPEM(pem(pki.ca))
+            trust = ssl.Certificate.loadPEM(pki.ca_pem)
             ep = wrapClientTLS(
                 ssl.optionsForClientTLS(NAME, trustRoot=trust),
                 endpoint(port.getHost().port),

@@ -44,6 +44,14 @@ address = "db:1"
 """
 
 
+def without_table(tls: str | None = None) -> str:
+    """The same config without a [frontend.f.tls] table; ``tls = <tls>`` if given."""
+    document = text("", pair=False).replace("[frontend.f.tls]\n", "")
+    if tls is None:
+        return document
+    return document.replace('pool = "p"\n', f'pool = "p"\ntls = {tls}\n', 1)
+
+
 def tls_of(tls: str, *, pair: bool = True) -> FrontendTLSConfig:
     parsed = parse_config(text(tls, pair=pair), SOURCE).frontend("f").tls
     assert parsed is not None
@@ -59,12 +67,7 @@ def problems(document: str) -> list[str]:
 class TestParsing:
     def test_no_table_means_no_tls(self) -> None:
         """A frontend without a tls table stays plain TCP."""
-        document = (
-            text("")
-            .replace("[frontend.f.tls]", "")
-            .replace(f"certificates = [{PAIR}]", "")
-        )
-        assert parse_config(document, SOURCE).frontend("f").tls is None
+        assert parse_config(without_table(), SOURCE).frontend("f").tls is None
 
     def test_defaults(self) -> None:
         """Only certificates given: TLS 1.2, default ciphers, 10s handshake, no mTLS."""
@@ -204,13 +207,7 @@ class TestProblems:
 
     def test_tls_not_a_table(self) -> None:
         """tls = true is refused as not a table."""
-        document = (
-            text("")
-            .replace("[frontend.f.tls]", "")
-            .replace(f"certificates = [{PAIR}]", "")
-        )
-        document = document.replace('pool = "p"\n', 'pool = "p"\ntls = true\n', 1)
-        assert problems(document) == [
+        assert problems(without_table("true")) == [
             f"{SOURCE}: frontend.f.tls: expected a table, got boolean true"
         ]
 
@@ -269,10 +266,7 @@ class TestRobustness:
     @given(st.dictionaries(_TLS_KEYS, _TLS_VALUES, max_size=6))
     def test_any_tls_table_parses_or_reports(self, table: dict[str, Any]) -> None:
         """Any [frontend.X.tls] content gives a FrontendTLSConfig or ConfigError."""
-        document = text("", pair=False).replace("[frontend.f.tls]\n", "")
-        document = document.replace(
-            'pool = "p"\n', f'pool = "p"\ntls = {dump(table)}\n', 1
-        )
+        document = without_table(dump(table))
         try:
             cfg = parse_config(document, SOURCE)
         except ConfigError as error:

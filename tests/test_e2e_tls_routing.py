@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.e2e import L4LB, free_port, port_accepts, stop_process, wait_until
-from tests.sni_tls_material import CA
+from tests.tls_material import CA
 
 pytestmark = [
     pytest.mark.e2e,

@@ -18,15 +18,6 @@ HEALTH = (
 )
 
 
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    """The test's ports, services and connections; fails the test on leftovers."""
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
-
-
 def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == event]
 

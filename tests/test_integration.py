@@ -37,15 +37,6 @@ from tests.loopback import (
 BULK = 256 * MiB
 
 
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    """The test's ports, services and connections; fails the test on leftovers."""
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
-
-
 def closed_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == "connection closed"]
 

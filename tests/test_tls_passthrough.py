@@ -13,20 +13,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from structlog.testing import capture_logs
-from twisted.internet import reactor
 
 from tests.loopback import Lab, Peer
-from tests.sni_tls_material import CA, peer_common_name
 from tests.test_clienthello import python_hello
 from tests.tls_lab import Greeter, pools_text, start_l4lb, tls_backend, tls_connect
-
-
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
+from tests.tls_material import CA, peer_common_name
 
 
 @pytest.fixture(scope="module")

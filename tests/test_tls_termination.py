@@ -30,15 +30,6 @@ OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
 
 
-@pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    """The test's ports, services and connections; fails the test on leftovers."""
-    lab = Lab(reactor)
-    yield lab
-    problems = await lab.teardown()
-    assert not problems, "left behind by the test:\n" + "\n".join(problems)
-
-
 class PKI:
     """The certificates every test here uses."""
 

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from l4lb.config import parse_config
 from l4lb.service import L4LBService
 from tests.loopback import L4LB, Backend, Echo, Lab, Peer, _Once
-from tests.sni_tls_material import CA, Issued, server_options
+from tests.tls_material import CA, Issued, server_options
 
 
 @implementer(IHandshakeListener)

@@ -43,6 +43,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l4lb.config import ConfigError, Problem
+from l4lb.tls.certificates import (
+    CertificateError,
+    check_key_matches,
+    load_chain,
+    read_file,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -73,32 +79,6 @@ class TLSConnectError(error.ConnectError):
 # --------------------------------------------------------------------------
 
 
-class _FileError(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
-def _read(key: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as e:
-        raise _FileError(key, f"cannot read {path!r}: {e.strerror or e}") from None
-
-
-def _certificates(key: str, path: str) -> list[x509.Certificate]:
-    data = _read(key, path)
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certs = []
-    if not certs:
-        raise _FileError(key, f"{path!r} holds no PEM certificate")
-    return certs
-
-
 class _Material:
     """What a pool's [pool.X.tls] files hold, parsed; ``problems`` says what failed."""
 
@@ -106,51 +86,44 @@ class _Material:
         self.trust: Any = None
         self.client: PrivateCertificate | None = None
         self.chain: list[Any] = []
-        self.problems: list[_FileError] = []
+        self.problems: list[CertificateError] = []
         if tls.ca is not None:
             try:
-                cas = _certificates(f"{where}.ca", tls.ca)
+                cas = load_chain(tls.ca, f"{where}.ca")
                 self.trust = trustRootFromCertificates([_twisted_cert(c) for c in cas])
-            except _FileError as e:
+            except CertificateError as e:
                 self.problems.append(e)
         if tls.cert is not None and tls.key is not None:
             try:
                 self._client_certificate(tls.cert, tls.key, where)
-            except _FileError as e:
+            except CertificateError as e:
                 self.problems.append(e)
 
     def _client_certificate(self, cert_path: str, key_path: str, where: str) -> None:
         certs: list[x509.Certificate] = []
         key_data: bytes | None = None
         try:
-            certs = _certificates(f"{where}.cert", cert_path)
-        except _FileError as e:
+            certs = list(load_chain(cert_path, f"{where}.cert"))
+        except CertificateError as e:
             self.problems.append(e)
         try:
-            key_data = _read(f"{where}.key", key_path)
-        except _FileError as e:
+            key_data = read_file(key_path, f"{where}.key")
+        except CertificateError as e:
             self.problems.append(e)
         if not certs or key_data is None:
             return
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
         except TypeError:  # a password is needed
-            raise _FileError(
+            raise CertificateError(
                 f"{where}.key",
                 f"{key_path!r} is encrypted; l4lb needs an unencrypted key",
             ) from None
         except ValueError:
-            raise _FileError(
+            raise CertificateError(
                 f"{where}.key", f"{key_path!r} holds no usable PEM private key"
             ) from None
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        der = serialization.Encoding.DER
-        cert_public = certs[0].public_key().public_bytes(der, spki)
-        if key.public_key().public_bytes(der, spki) != cert_public:
-            raise _FileError(
-                f"{where}.key",
-                f"{key_path!r} does not match the certificate in {cert_path!r}",
-            )
+        check_key_matches(certs[0], key, cert_path, key_path, f"{where}.key")
         self.client = PrivateCertificate.fromCertificateAndKeyPair(
             _twisted_cert(certs[0]), KeyPair(crypto.PKey.from_cryptography_key(key))
         )

@@ -39,10 +39,13 @@ __all__ = [
     "check_ciphers",
     "check_config",
     "check_frontend_tls",
+    "check_key_matches",
     "expiry_warning",
     "load_ca_certificates",
     "load_certificate",
+    "load_chain",
     "name_matches",
+    "read_file",
     "select_certificate",
 ]
 
@@ -89,7 +92,11 @@ class LoadedCertificate:
         return self.leaf.not_valid_after_utc
 
 
-def _read(path: str, key: str) -> bytes:
+def read_file(path: str, key: str) -> bytes:
+    """The bytes of a TLS file; CertificateError (for config ``key``) if unreadable.
+
+    Shared with `l4lb.tls.backend`, so frontend and pool TLS files fail alike.
+    """
     try:
         with open(path, "rb") as file:
             return file.read()
@@ -98,8 +105,9 @@ def _read(path: str, key: str) -> bytes:
         raise CertificateError(key, f"cannot read {path!r}: {reason}") from None
 
 
-def _load_chain(path: str, key: str) -> tuple[x509.Certificate, ...]:
-    data = _read(path, key)
+def load_chain(path: str, key: str) -> tuple[x509.Certificate, ...]:
+    """The PEM certificates in ``path``, in file order; CertificateError if none."""
+    data = read_file(path, key)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise CertificateError(key, f"{path!r} holds no PEM certificate")
     try:
@@ -112,7 +120,7 @@ def _load_chain(path: str, key: str) -> tuple[x509.Certificate, ...]:
 
 def load_ca_certificates(path: str, key: str) -> tuple[x509.Certificate, ...]:
     """The CA certificates in a PEM bundle (``client_ca``); CertificateError if none."""
-    return _load_chain(path, key)
+    return load_chain(path, key)
 
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
@@ -144,8 +152,8 @@ def load_certificate(
     """
     now = now or datetime.datetime.now(datetime.UTC)
     cert_key, key_key = f"{where}.cert", f"{where}.key"
-    chain = _load_chain(config.cert, cert_key)
-    data = _read(config.key, key_key)
+    chain = load_chain(config.cert, cert_key)
+    data = read_file(config.key, key_key)
     if b"PRIVATE KEY-----" not in data:
         raise CertificateError(key_key, f"{config.key!r} holds no PEM private key")
     try:
@@ -161,15 +169,7 @@ def load_certificate(
             key_key, f"{config.key!r} is not a valid PEM private key: {error}"
         ) from None
     leaf = chain[0]
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(
-        der, spki
-    ):
-        raise CertificateError(
-            key_key,
-            f"{config.key!r} does not match the certificate in {config.cert!r}",
-        )
+    check_key_matches(leaf, key, config.cert, config.key, key_key)
     if leaf.not_valid_after_utc <= now:
         raise CertificateError(
             cert_key,
@@ -181,6 +181,19 @@ def load_certificate(
             f"{config.cert!r} is not valid before {_when(leaf.not_valid_before_utc)}",
         )
     return LoadedCertificate(config, where, chain, key, certificate_names(leaf))
+
+
+def check_key_matches(
+    leaf: x509.Certificate, key: object, cert_path: str, key_path: str, where: str
+) -> None:
+    """CertificateError (for config key ``where``) unless ``key`` is the leaf's key."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    public = key.public_key()  # type: ignore[attr-defined]
+    if leaf.public_key().public_bytes(der, spki) != public.public_bytes(der, spki):
+        raise CertificateError(
+            where, f"{key_path!r} does not match the certificate in {cert_path!r}"
+        )
 
 
 def _when(moment: datetime.datetime) -> str:
