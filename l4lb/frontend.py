@@ -72,6 +72,7 @@ class Frontend(ServerFactory):
     """
 
     noisy = False  # "listening" is logged once, in our own format
+    splice = False  # [global] splice: set by the service (l4lb.splice)
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l4lb.pool import NoServerError, Pool, ServerState
+from l4lb.splice import Splicer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -181,6 +182,7 @@ class Session:
         # Which transport is registered as the other's producer (flow control).
         self._client_paces_server = False
         self._server_paces_client = False
+        self.splicer: Splicer | None = None  # set when the kernel moves the bytes
 
     # -- 1. start ----------------------------------------------------------
 
@@ -279,6 +281,12 @@ class Session:
         if self._client_gone:
             self._close_server()
             return
+        if self.frontend.splice:
+            self.splicer = Splicer.start(self, client_transport, server_transport)
+            if self.splicer is not None:
+                self.last_activity = self.clock.seconds()
+                self._arm_timer()
+                return
         # Each transport pauses the other when its write buffer is full.
         server_transport.registerProducer(client_transport, True)
         self._client_paces_server = True
@@ -450,6 +458,8 @@ class Session:
         if self._connecting is not None:
             return
         self._finished = True
+        if self.splicer is not None:
+            self.splicer.close()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -127,6 +127,7 @@ class L4LBService(MultiService):
             frontend = Frontend(
                 fe, self.pools[fe.pool], reactor, endpoint_for, self.cap
             )
+            frontend.splice = config.global_.splice
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
         self._stopping = False

@@ -215,7 +215,7 @@ class TestExampleFile:
                 default = config._default(section.cls, spec.attr or key)
                 assert spec.reader.convert(value) == default, key
                 checked += 1
-        assert checked == 16
+        assert checked == 17
 
 
 class TestDefaults:

@@ -36,11 +36,20 @@ from tests.loopback import (
 
 BULK = 256 * MiB
 
+# Data-path tests run on both paths: zero-copy splicing and copying in Python.
+BOTH_PATHS = pytest.mark.parametrize(
+    "lab", [True, False], ids=["splice", "copy"], indirect=True
+)
+
 
 @pytest_twisted.async_yield_fixture
-async def lab() -> Any:
-    """The test's ports, services and connections; fails the test on leftovers."""
-    lab = Lab(reactor)
+async def lab(request: pytest.FixtureRequest) -> Any:
+    """The test's ports, services and connections; fails the test on leftovers.
+
+    Parametrised indirectly with ``BOTH_PATHS``, a test runs with kernel
+    splicing on and off; otherwise l4lb runs with its default (on).
+    """
+    lab = Lab(reactor, splice=getattr(request, "param", None))
     yield lab
     problems = await lab.teardown()
     assert not problems, "left behind by the test:\n" + "\n".join(problems)
@@ -134,6 +143,7 @@ def send_on_connect(total: int, then: str) -> Script:
 
 
 @pytest.mark.slow
+@BOTH_PATHS
 class TestBulk:
     @pytest_twisted.ensureDeferred
     async def test_client_to_server_256mib(self, lab: Lab) -> None:
@@ -177,6 +187,7 @@ class TestBulk:
         assert line["reason"] == "server closed"
 
 
+@BOTH_PATHS
 class TestHalfClose:
     @pytest_twisted.ensureDeferred
     async def test_client_fin_first_still_gets_reply(self, lab: Lab) -> None:
@@ -357,6 +368,7 @@ class TestRetries:
         assert hole.live == 0
 
 
+@BOTH_PATHS
 class TestFlowControl:
     @pytest_twisted.ensureDeferred
     async def test_slow_reader_bounds_memory(self, lab: Lab) -> None:
@@ -369,12 +381,15 @@ class TestFlowControl:
         session = only_session(lb)
         assert session.server is not None
         client_side, server_side = session.client.transport, session.server.transport
+        assert (session.splicer is not None) is lab.splice
         server = backend.peers[0]
         most = 0
 
         def sample() -> tuple[int, int, int]:
             nonlocal most
             held = buffered(client_side) + buffered(server_side)
+            if session.splicer is not None:
+                held += session.splicer.pending  # bytes in the kernel pipes
             most = max(most, held)
             assert server.source is not None
             return server.source.sent, session.bytes_from_server, held
@@ -389,7 +404,11 @@ class TestFlowControl:
         assert server.source.paused and server.transport.producerPaused
         # l4lb stopped reading the server.
         assert server_side not in reactor.getReaders()
-        assert client_side.producerPaused
+        if session.splicer is None:
+            assert client_side.producerPaused
+        else:  # the pipe to the client is full; the client is watched for room
+            assert session.splicer.down.pending > 0
+            assert client_side in reactor.getWriters()
         assert most < MiB
         assert client.received == 0
 
