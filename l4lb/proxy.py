@@ -151,7 +151,48 @@ class _ServerFactory(Factory):
 
 
 class Session:
-    """One client connection, its backend connection, and its one log line."""
+    """One client connection, its backend connection, and its one log line.
+
+    A session owns at most one timer (``_timer``) for its whole life: the
+    connect deadline, then the idle / half-closed check, then the lingering
+    close. Each firing looks at the session's state, acts if a deadline has
+    passed, and otherwise re-arms for the next one; a deadline pushed back by
+    traffic or a phase change costs no new timer.
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_attempt_deadline",
+        "_attempt_timed_out",
+        "_client_eof",
+        "_client_gone",
+        "_client_paces_server",
+        "_closing_at",
+        "_connecting",
+        "_finished",
+        "_server_eof",
+        "_server_gone",
+        "_server_paces_client",
+        "_timer",
+        "_watch",
+        "bytes_from_client",
+        "bytes_from_server",
+        "client",
+        "client_address",
+        "client_host",
+        "clock",
+        "connect_time",
+        "detail",
+        "frontend",
+        "last_activity",
+        "pool",
+        "reason",
+        "retries",
+        "server",
+        "server_state",
+        "splicer",
+        "started",
+    )
 
     def __init__(self, frontend: Frontend, client: ClientProtocol) -> None:
         self.frontend = frontend
@@ -178,6 +219,10 @@ class Session:
         self._connecting: Deferred[None] | None = None
         self._watch: DepartureWatch | None = None
         self._timer: IDelayedCall | None = None
+        self._attempt: Deferred[object] | None = None  # the connect in progress
+        self._attempt_deadline = 0.0
+        self._attempt_timed_out = False
+        self._closing_at: float | None = None  # when we started closing
         self._finished = False
         # Which transport is registered as the other's producer (flow control).
         self._client_paces_server = False
@@ -210,46 +255,62 @@ class Session:
     async def connect(self) -> None:
         """Connect to a server, trying others on failure, then splice."""
         pool = self.pool
+        timeout = pool.config.connect_timeout
         tried: list[ServerState] = []
         while True:
-            server_state = await pool.acquire(self.client_host, tried)
+            # A server with room is picked at once, without a Deferred.
+            server_state = pool.acquire_now(self.client_host, tried)
+            if server_state is None:
+                server_state = await pool.acquire(self.client_host, tried)
             attempt_started = self.clock.seconds()
             protocol = ServerProtocol()
             endpoint = self.frontend.endpoint_for(server_state)
             attempt = endpoint.connect(_ServerFactory(protocol))
-            attempt.addTimeout(
-                pool.config.connect_timeout, self.clock, onTimeoutCancel=_timed_out
-            )
+            # The session's timer cancels the attempt at its deadline.
+            self._attempt = attempt
+            self._attempt_deadline = attempt_started + timeout
+            self._attempt_timed_out = False
+            self._schedule()
             try:
                 await attempt
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                # The client left or we are closing (real endpoints fail a
-                # cancelled connect with ConnectingCancelledError).
-                pool.release(server_state)
-                raise defer.CancelledError() from None
-            except _CONNECT_FAILURES as e:
-                pool.release(server_state)
-                server_state.failed_connects += 1
-                tried.append(server_state)
-                why = _describe_connect_failure(e, pool.config.connect_timeout)
-                log.warning(
-                    "server connect failed",
-                    frontend=self.frontend.name,
-                    pool=pool.name,
-                    server=server_state.name,
-                    client=format_address(self.client_address),
-                    error=why,
-                    attempt=self.retries + 1,
+            except (defer.CancelledError, error.ConnectingCancelledError) as e:
+                self._attempt = None
+                if not self._attempt_timed_out:
+                    # The client left or we are closing (real endpoints fail a
+                    # cancelled connect with ConnectingCancelledError).
+                    pool.release(server_state)
+                    raise defer.CancelledError() from None
+                failure: BaseException = defer.TimeoutError(
+                    f"connect timed out after {timeout:g}s"
                 )
-                if self.retries >= pool.config.retries:
-                    raise NoServerError(
-                        "connect failed", f"{server_state.name}: {why}"
-                    ) from e
-                self.retries += 1
-                continue
-            self.connect_time = self.clock.seconds() - attempt_started
-            self.splice(server_state, protocol)
-            return
+                failure.__cause__ = e
+            except _CONNECT_FAILURES as e:
+                self._attempt = None
+                failure = e
+            else:
+                self._attempt = None
+                self.connect_time = self.clock.seconds() - attempt_started
+                self.splice(server_state, protocol)
+                return
+            # A failed attempt: count it, then try the next server or give up.
+            pool.release(server_state)
+            server_state.failed_connects += 1
+            tried.append(server_state)
+            why = _describe_connect_failure(failure, timeout)
+            log.warning(
+                "server connect failed",
+                frontend=self.frontend.name,
+                pool=pool.name,
+                server=server_state.name,
+                client=format_address(self.client_address),
+                error=why,
+                attempt=self.retries + 1,
+            )
+            if self.retries >= pool.config.retries:
+                raise NoServerError(
+                    "connect failed", f"{server_state.name}: {why}"
+                ) from failure
+            self.retries += 1
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -285,7 +346,7 @@ class Session:
             self.splicer = Splicer.start(self, client_transport, server_transport)
             if self.splicer is not None:
                 self.last_activity = self.clock.seconds()
-                self._arm_timer()
+                self._schedule()
                 return
         # Each transport pauses the other when its write buffer is full.
         server_transport.registerProducer(client_transport, True)
@@ -294,7 +355,7 @@ class Session:
         self._server_paces_client = True
         client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
-        self._arm_timer()
+        self._schedule()
 
     # -- 4. half-close and close -------------------------------------------
 
@@ -308,7 +369,7 @@ class Session:
             self._close_both()
         else:
             self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
-            self._arm_timer()
+            self._schedule()
 
     def server_eof(self) -> None:
         """The server finished sending: pass its FIN on to the client."""
@@ -320,7 +381,7 @@ class Session:
             self._close_both()
         else:
             self.client.transport.loseWriteConnection()
-            self._arm_timer()
+            self._schedule()
 
     def client_lost(self, reason: Failure | None) -> None:
         self._stop_watching()
@@ -397,31 +458,19 @@ class Session:
 
     def _linger(self) -> None:
         """Closing flushes what is buffered; a peer that never reads gets aborted."""
-        limit = (
-            self.frontend.config.half_closed_timeout
-            or self.frontend.config.idle_timeout
-        )
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if limit > 0:
-            self._timer = self.clock.callLater(limit, self._abort_lingering)
+        if self._closing_at is None:
+            self._closing_at = self.clock.seconds()
+        self._schedule()
 
     def _abort_lingering(self) -> None:
-        self._timer = None
         for transport in self._live_transports():
             transport.abortConnection()
 
-    # -- timeouts ----------------------------------------------------------
+    # -- timeouts: one timer per session ------------------------------------
 
-    def _arm_timer(self) -> None:
-        """(Re)start the quiet timer; after a half-close its limit may be shorter."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        limit = self._quiet_limit()
-        if limit > 0:
-            self._timer = self.clock.callLater(limit, self._check_quiet)
+    def _linger_limit(self) -> float:
+        config = self.frontend.config
+        return config.half_closed_timeout or config.idle_timeout
 
     def _quiet_limit(self) -> float:
         config = self.frontend.config
@@ -431,19 +480,60 @@ class Session:
             return config.half_closed_timeout
         return config.idle_timeout
 
-    def _check_quiet(self) -> None:
-        """One timer per session, pushed forward lazily instead of per byte."""
-        self._timer = None
+    def _deadline(self) -> float | None:
+        """When the timer must next look at this session (None: never)."""
+        if self._attempt is not None:
+            return None if self._attempt_timed_out else self._attempt_deadline
+        if self._closing_at is not None:
+            limit = self._linger_limit()
+            return self._closing_at + limit if limit > 0 else None
+        if self.server is None:
+            return None  # queued: the pool's queue timeout applies
+        # First the shortest limit that may apply, so that a half-close (which
+        # may shorten the limit) needs no new timer; once that has passed, the
+        # limit that applies now.
+        config = self.frontend.config
+        idle, half = config.idle_timeout, config.half_closed_timeout
+        if idle > 0 and half > 0:
+            early = self.last_activity + min(idle, half)
+            if early > self.clock.seconds():
+                return early
         limit = self._quiet_limit()
-        if limit <= 0:
-            return
-        deadline = self.last_activity + limit
+        return self.last_activity + limit if limit > 0 else None
+
+    def _schedule(self) -> None:
+        """Have the one timer fire by the current deadline; keep it if it already does."""
+        deadline = self._deadline()
+        timer = self._timer
+        if timer is not None:
+            if deadline is not None and timer.getTime() <= deadline:
+                return
+            self._timer = None
+            timer.cancel()
+        if deadline is not None and not self._finished:
+            delay = max(0.0, deadline - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """A deadline may have passed: act on it, or re-arm for the next one."""
+        self._timer = None
         now = self.clock.seconds()
-        if now >= deadline:
-            half = self._client_eof or self._server_eof
-            self.close("half-closed timeout" if half else "idle timeout")
-        else:
-            self._timer = self.clock.callLater(deadline - now, self._check_quiet)
+        if self._attempt is not None:
+            if now >= self._attempt_deadline:
+                self._attempt_timed_out = True
+                self._attempt.cancel()  # → the connect loop's timeout branch
+        elif self._closing_at is not None:
+            limit = self._linger_limit()
+            if limit > 0 and now >= self._closing_at + limit:
+                self._abort_lingering()
+                return
+        elif self.server is not None:
+            limit = self._quiet_limit()
+            if limit > 0 and now >= self.last_activity + limit:
+                half = self._client_eof or self._server_eof
+                self.close("half-closed timeout" if half else "idle timeout")
+                return
+        self._schedule()
 
     # -- 5. finish ---------------------------------------------------------
 
@@ -460,9 +550,9 @@ class Session:
         self._finished = True
         if self.splicer is not None:
             self.splicer.close()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._timer is not None:
+            timer, self._timer = self._timer, None
+            timer.cancel()
         fields = {
             "frontend": self.frontend.name,
             "pool": self.pool.name,
@@ -543,11 +633,6 @@ class DepartureWatch:
 
     def connectionLost(self, reason: Failure) -> None:
         self._active = False
-
-
-def _timed_out(result: object, timeout: float) -> Failure:
-    """``addTimeout`` fired: whatever the cancelled endpoint failed with, it is a timeout."""
-    return Failure(defer.TimeoutError(f"connect timed out after {timeout:g}s"))
 
 
 def _describe_connect_failure(exc: BaseException, timeout: float) -> str:

@@ -53,9 +53,11 @@ def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoi
         ip = ip_address(address.host)
     except ValueError:
         return HostnameEndpoint(reactor, address.host, address.port, timeout=3600)
+    # timeout=None: no connector timer per connection; the session's one timer
+    # enforces connect_timeout.
     if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=3600)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=3600)
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=None)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=None)
 
 
 # Descriptors besides two per proxied connection: listeners, probes, logs, Twisted's own.
