@@ -78,8 +78,9 @@ def l4lb(
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     config = workdir / "l4lb.toml"
+    splice_line = "" if splice == "omit" else f"splice = {splice}\n"
     config.write_text(
-        f'[global]\nsplice = {splice}\nlog_level = "warning"\n'
+        f'[global]\n{splice_line}log_level = "warning"\n'
         f'[frontend.f]\nlisten = "127.0.0.1:{port}"\npool = "p"\n'
         f'[pool.p]\n[[pool.p.server]]\naddress = "127.0.0.1:{backend}"\n'
     )
@@ -193,7 +194,12 @@ def idle(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["calls", "idle"])
-    parser.add_argument("--splice", choices=["true", "false"], default="true")
+    parser.add_argument(
+        "--splice",
+        choices=["true", "false", "omit"],
+        default="true",
+        help="omit: no splice key (for versions before it existed)",
+    )
     parser.add_argument("-n", type=int, default=4000)
     parser.add_argument("--keepalive", action="store_true")
     parser.add_argument("--name", default="profile")
