@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from structlog.testing import capture_logs
 from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
 
 from l4lb import splice
 from l4lb.config import ConfigError, GlobalConfig, parse_config
@@ -235,4 +236,53 @@ class TestNoPipeFallback:
         await lab.wait(client.closed.wait(), 5, "client closed")
         await lab.until(lambda: not lb.frontend.sessions, what="session over")
         assert received == sent
+        assert splice.PIPES.in_use == 0
+
+
+class TestWhenUsed:
+    def test_fakes_and_wrappers_are_not_spliced(self) -> None:
+        """Only Twisted's own socket transports qualify (not fakes, not TLS wrappers)."""
+        assert not splice.can_splice(StringTransport())
+
+    @pytest_twisted.ensureDeferred
+    async def test_bytes_pending_in_twisted_keep_the_normal_path(
+        self, lab: Lab
+    ) -> None:
+        """A transport with bytes in its write buffer is not spliced."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address})
+        client = await lab.connect(lb.port)
+        await lab.until(lambda: lb.frontend.sessions, what="session")
+        transport = only_session(lb).client.transport
+        assert splice.can_splice(transport)
+        transport._tempDataBuffer.append(b"x")  # as a write() before the switch
+        transport._tempDataLen += 1
+        assert not splice.can_splice(transport)
+        transport._tempDataBuffer.clear()
+        transport._tempDataLen = 0
+        client.transport.loseConnection()
+        await lab.until(lambda: not lb.frontend.sessions, what="session over")
+
+
+class TestErrors:
+    @pytest_twisted.ensureDeferred
+    async def test_server_reset_mid_transfer(self, lab: Lab) -> None:
+        """A backend that resets while the client sends: one line, no leaks."""
+
+        async def reset_on_first_byte(peer: Peer) -> None:
+            await lab.until(lambda: peer.received > 0, what="first byte")
+            peer.transport.abortConnection()  # RST: unread bytes are dropped
+
+        backend = lab.backend(lambda: lab.peer(reset_on_first_byte))
+        lb = lab.l4lb({"b": backend.address})
+        with capture_logs() as logs:
+            client = await lab.connect(lb.port, lab.peer(close_on_eof=True))
+            sending = client.send_random(64 * MiB)
+            sending.addErrback(lambda f: None)  # the connection dies under it
+            await lab.wait(client.closed.wait(), 30, "client closed")
+            await lab.until(lambda: not lb.frontend.sessions, what="session over")
+            await lab.until(lambda: not backend.live, what="backend closed")
+        (line,) = closed_lines(logs)
+        assert line["reason"] == "server closed"
+        assert 0 < line["bytes_from_client"] < 64 * MiB
         assert splice.PIPES.in_use == 0

@@ -74,7 +74,11 @@ def redis(workdir: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def l4lb(
-    workdir: Path, backend: int, splice: str, profile: Path | None = None
+    workdir: Path,
+    backend: int,
+    splice: str,
+    profile: Path | None = None,
+    flame: Path | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     config = workdir / "l4lb.toml"
@@ -88,12 +92,19 @@ def l4lb(
     if profile is not None:
         args += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
     args += ["l4lb", "--config", str(config)]
+    if flame is not None:  # sample with py-spy: a flame graph (timings, not counts)
+        spy = ["py-spy", "record", "--format", "speedscope", "-o", str(flame)]
+        args = [str(Path(sys.executable).parent / spy[0]), *spy[1:], "--", *args]
     proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL)
     try:
         wait_port(port)
         yield port, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        target = proc.pid
+        if flame is not None:  # stop twistd itself; py-spy then writes its file
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            target = int(children.read_text().split()[0])
+        os.kill(target, signal.SIGTERM)
         proc.wait(60)
 
 
@@ -102,9 +113,10 @@ def calls(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         prof = HERE / f"{args.name}.prof"
+        flame = HERE / f"{args.name}.speedscope.json" if args.flame else None
         with (
             redis(workdir) as backend,
-            l4lb(workdir, backend, args.splice, prof) as (
+            l4lb(workdir, backend, args.splice, None if flame else prof, flame) as (
                 port,
                 _,
             ),
@@ -115,6 +127,9 @@ def calls(args: argparse.Namespace) -> None:
             else:
                 bench += ["-k", "0", "-c", "32", "-t", "ping_inline"]
             subprocess.run(bench, check=True, stdout=subprocess.DEVNULL)
+        if flame is not None:
+            print(f"flame graph: {flame} (open at https://www.speedscope.app/)")
+            return
         stats = pstats.Stats(str(prof))
     per = "request" if args.keepalive else "connection"
     rows = stats.stats  # type: ignore[attr-defined]
@@ -203,6 +218,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=4000)
     parser.add_argument("--keepalive", action="store_true")
     parser.add_argument("--name", default="profile")
+    parser.add_argument(
+        "--flame", action="store_true", help="py-spy speedscope file, not cProfile"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
     (calls if args.mode == "calls" else idle)(args)
