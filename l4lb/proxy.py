@@ -502,14 +502,17 @@ class Session:
         return self.last_activity + limit if limit > 0 else None
 
     def _schedule(self) -> None:
-        """Have the one timer fire by the current deadline; keep it if it already does."""
+        """Point the one timer at the current deadline (called at phase changes)."""
         deadline = self._deadline()
         timer = self._timer
         if timer is not None:
             if deadline is not None and timer.getTime() <= deadline:
+                if timer.getTime() < deadline:
+                    # Later: Twisted moves it lazily, without a new timer.
+                    timer.reset(deadline - self.clock.seconds())
                 return
             self._timer = None
-            timer.cancel()
+            timer.cancel()  # sooner: a new timer is cheaper than moving it up
         if deadline is not None and not self._finished:
             delay = max(0.0, deadline - self.clock.seconds())
             self._timer = self.clock.callLater(delay, self._on_timer)
