@@ -59,6 +59,9 @@ log = structlog.get_logger("l4lb.proxy")
 # health checks and backend TLS will use it too.
 EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
 
+# How late the session's timer may fire past a deadline rather than be replaced.
+_TIMER_SLACK = 0.01
+
 # Failures of a connect attempt that are worth another server.
 _CONNECT_FAILURES = (
     error.ConnectError,
@@ -506,7 +509,10 @@ class Session:
         deadline = self._deadline()
         timer = self._timer
         if timer is not None:
-            if deadline is not None and timer.getTime() <= deadline:
+            # _TIMER_SLACK: a timer reset a moment ago to (nearly) this deadline
+            # lands a few microseconds after it on a real clock; that is not
+            # worth a new timer.
+            if deadline is not None and timer.getTime() <= deadline + _TIMER_SLACK:
                 if timer.getTime() < deadline:
                     # Later: Twisted moves it lazily, without a new timer.
                     timer.reset(deadline - self.clock.seconds())
