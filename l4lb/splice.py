@@ -8,12 +8,8 @@ uses for the normal path.
 
 How it hooks into Twisted: a Twisted TCP transport is the selectable the
 reactor watches, and the reactor calls its ``doRead``/``doWrite``. `Splicer`
-switches each transport's class to a subclass (made once per transport class)
-whose ``doRead``/``doWrite`` call the directions' `Direction.do_read` /
-`Direction.do_write`, found in a table keyed by transport. (Setting bound
-methods on the instance, as Twisted's ``abortConnection`` does, works too but
-costs about 0.9 KiB per connection: the instance dict grows.) Everything else
-is left to Twisted: ``startReading``/
+redirects those two calls (`l4lb.hook`) to the directions' `Direction.do_read`
+/ `Direction.do_write`. Everything else is left to Twisted: ``startReading``/
 ``stopReading`` registrations, ``loseConnection``/``loseWriteConnection``
 (our ``doWrite`` drains the pipe first, then calls Twisted's, which flushes its
 own empty buffer and performs the close or the ``shutdown(SHUT_WR)``), and
@@ -45,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorFDSet
+
+from l4lb.hook import hook, unhook
 
 if TYPE_CHECKING:
     from l4lb.proxy import Session
@@ -175,8 +173,8 @@ class Splicer:
     ) -> None:
         self.up = up = Direction(session, client, server, True, pipes)
         self.down = down = Direction(session, server, client, False, pipes)
-        _hook(client, up, down)
-        _hook(server, down, up)
+        hook(client, up, down)
+        hook(server, down, up)
 
     @classmethod
     def start(
@@ -194,8 +192,8 @@ class Splicer:
         """Both transports are gone: give the pipes back, drop the hooks."""
         self.up.close()
         self.down.close()
-        _unhook(self.up.src)
-        _unhook(self.down.src)
+        unhook(self.up.src)
+        unhook(self.down.src)
 
     @property
     def pending(self) -> int:
@@ -367,41 +365,3 @@ class Direction:
 
     def close(self) -> None:
         self._release()
-
-
-# Transport → (the direction it is read for, the direction it is written for).
-_HOOKED: dict[Any, tuple[Direction, Direction]] = {}
-
-
-def _do_read(transport: Any) -> Exception | None:
-    return _HOOKED[transport][0].do_read()
-
-
-def _do_write(transport: Any) -> Exception | None:
-    return _HOOKED[transport][1].do_write()
-
-
-_hooked_classes: dict[type, type] = {}
-
-
-def _hook(transport: Any, reads: Direction, writes: Direction) -> None:
-    cls = type(transport)
-    hooked = _hooked_classes.get(cls)
-    if hooked is None:
-        # Empty __slots__ and one base: the same layout, so __class__ may change.
-        namespace = {
-            "__slots__": (),
-            "__module__": __name__,
-            "doRead": _do_read,
-            "doWrite": _do_write,
-        }
-        hooked = _hooked_classes[cls] = type(
-            f"Spliced{cls.__name__}", (cls,), namespace
-        )
-    _HOOKED[transport] = (reads, writes)
-    transport.__class__ = hooked
-
-
-def _unhook(transport: Any) -> None:
-    if _HOOKED.pop(transport, None) is not None:
-        transport.__class__ = type(transport).__mro__[1]  # the class before _hook
