@@ -2,9 +2,11 @@
 
 Read this module top to bottom to follow one client connection:
 
-1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
-   so nothing is buffered, until a backend is connected) and starts a `Session`;
-   a `DepartureWatch` notices the waiting client leaving without reading it.
+1. `ClientProtocol.connectionMade` starts a `Session`. Nothing is read from the
+   client (so nothing is buffered) until a backend is connected: a
+   `DepartureWatch` takes the client socket's readiness calls and only peeks,
+   to notice the waiting client leaving (transports it cannot watch are
+   paused instead).
 2. `Session.connect` asks the pool for a server (possibly after queueing) and
    opens a connection through the pool's endpoint seam, retrying a failed
    connect on servers not yet tried. The client sees nothing of a retry: no
@@ -24,21 +26,21 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorFDSet,
-    IReadDescriptor,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l4lb.hook import hook, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
 
@@ -91,7 +93,6 @@ class ClientProtocol(Protocol):
         self.frontend = frontend
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # read nothing until a backend is connected
         _tune(self.transport)
         self.session = Session(self.frontend, self)
         self.session.start()
@@ -236,10 +237,14 @@ class Session:
 
     def start(self) -> None:
         self.frontend.session_started(self)
+        # Read nothing until a backend is connected: watch (peek) or pause.
+        transport = self.client.transport
+        self._watch = DepartureWatch.start(transport, self.client_left)
+        if self._watch is None:
+            transport.pauseProducing()
         connecting = Deferred.fromCoroutine(self.connect())
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
-            self._watch = DepartureWatch.start(self.client.transport, self.client_left)
         connecting.addErrback(self._connect_failed)
 
     def client_left(self) -> None:
@@ -583,65 +588,62 @@ class Session:
         self.frontend.session_finished(self)
 
 
-@implementer(IReadDescriptor)
 class DepartureWatch:
     """Notices a waiting client leaving, without reading (and buffering) its bytes.
 
-    While a client waits for a server (queued or connecting) its transport is
-    paused, so the reactor does not watch its socket and a departure would go
-    unseen until the backend is connected. This registers the same socket for
-    readability and peeks: an end of stream before any byte, or a reset, means
-    the client left, and its wait is cancelled. Once a byte is waiting, the
-    watch ends and the byte stays in the kernel: after data a FIN may be a
-    half-close (send a request, shut the write half, await the reply), which
-    must be served, so it is left for the splice to pass on.
+    While a client waits for a server (queued or connecting), its bytes must
+    stay in the kernel. A departure must still be seen, or the client would
+    hold a queue place or a connect attempt until the backend answers. The
+    watch takes the client transport's readiness calls (`l4lb.hook`). The
+    socket stays registered with the reactor, so a watch costs no epoll change
+    when the backend connects before the client sends. On readability it peeks
+    at one byte:
+
+    - An end of stream before any byte, or a reset, means the client left,
+      and its wait is cancelled.
+    - Once a byte is waiting, the watch ends, the transport stops reading, and
+      the byte stays in the kernel. After data, a FIN may be a half-close (send
+      a request, shut the write half, await the reply) that must be served, so
+      it is left for the splice to pass on.
     """
 
-    def __init__(
-        self, reactor: IReactorFDSet, sock: socket.socket, on_left: Callable[[], None]
-    ) -> None:
-        self._reactor = reactor
-        self._socket = sock
-        self._fileno = sock.fileno()
+    __slots__ = ("_active", "_on_left", "_transport")
+
+    def __init__(self, transport: ITransport, on_left: Callable[[], None]) -> None:
+        self._transport = transport
         self._on_left = on_left
         self._active = True
-        reactor.addReader(self)
+        hook(transport, self)
 
     @classmethod
     def start(
         cls, transport: ITransport, on_left: Callable[[], None]
     ) -> DepartureWatch | None:
-        """Watch a plain TCP/UNIX socket transport; others (test fakes, TLS) are not watched."""
-        sock = getattr(transport, "socket", None)
-        reactor = getattr(transport, "reactor", None)
-        if not isinstance(sock, socket.socket) or not IReactorFDSet.providedBy(reactor):
+        """Watch a reading TCP/UNIX socket transport; others (test fakes, TLS) are not."""
+        if not isinstance(transport, tcp.Connection) or not IReactorFDSet.providedBy(
+            transport.reactor
+        ):
             return None
-        return cls(reactor, sock, on_left)
+        return cls(transport, on_left)
 
-    def fileno(self) -> int:
-        return self._fileno
-
-    def logPrefix(self) -> str:
-        return "l4lb-departure-watch"
-
-    def doRead(self) -> None:
+    def do_read(self) -> None:
+        transport: Any = self._transport
         try:
-            peeked = self._socket.recv(1, socket.MSG_PEEK)
+            peeked = transport.socket.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             peeked = b""  # reset by the peer
         self.stop()
+        transport.stopReading()  # until the splice: the bytes stay in the kernel
         if not peeked:
             self._on_left()
 
     def stop(self) -> None:
+        """Give the transport its reads back (it may have stopped reading)."""
         if self._active:
             self._active = False
-            self._reactor.removeReader(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._active = False
+            unhook(self._transport)
 
 
 def _describe_connect_failure(exc: BaseException, timeout: float) -> str:
