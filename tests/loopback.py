@@ -38,6 +38,7 @@ from l4lb import splice
 from l4lb.config import parse_config
 from l4lb.frontend import Frontend
 from l4lb.service import L4LBService
+from tests.e2e import SPLICE
 
 MiB = 1 << 20
 
@@ -319,7 +320,8 @@ class Lab:
 
     def __init__(self, reactor: Any, splice: bool | None = None) -> None:
         self.reactor = reactor
-        self.splice = splice  # [global] splice of every l4lb built; None: default
+        # [global] splice of every l4lb built; None: L4LB_TEST_SPLICE or the default.
+        self.splice = SPLICE if splice is None else splice
         self.errors: list[Failure] = []
         self.backends: list[Backend] = []
         self.services: list[L4LB] = []

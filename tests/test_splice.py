@@ -31,8 +31,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest_twisted.async_yield_fixture
 async def lab() -> Any:
-    """The test's ports, services and connections; fails the test on leftovers."""
+    """The test's ports, services and connections; fails the test on leftovers.
+
+    l4lb runs with its default (splice on) whatever L4LB_TEST_SPLICE says.
+    """
     lab = Lab(reactor)
+    lab.splice = None
     yield lab
     problems = await lab.teardown()
     assert not problems, "left behind by the test:\n" + "\n".join(problems)
