@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l4lb import splice
+from l4lb import splice as l4lb_splice
 from l4lb.config import parse_config
 from l4lb.frontend import Frontend
 from l4lb.service import L4LBService
@@ -481,8 +481,10 @@ class Lab:
             )
         for s in self.sockets:
             s.close()
-        if splice.PIPES.in_use:
-            problems.append(f"{splice.PIPES.in_use} splice pipe(s) never given back")
+        if l4lb_splice.PIPES.in_use:
+            problems.append(
+                f"{l4lb_splice.PIPES.in_use} splice pipe(s) never given back"
+            )
         for host, port in self.tcp_ports:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family) as probe:
