@@ -102,7 +102,7 @@ class PipePool:
 
     __slots__ = ("_free", "in_use", "keep")
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int = 16) -> None:
         self._free: list[tuple[int, int]] = []
         self.keep = keep
         self.in_use = 0
