@@ -8,10 +8,11 @@ Twisted.
 
 `hook` switches the transport's class to a subclass, made once per class, with
 the same layout (one base, empty ``__slots__``), whose ``doRead``/``doWrite``
-call the hook's reader and writer, found in a table keyed by transport.
-Setting bound methods on the instance, as Twisted's ``abortConnection`` does,
-would work too, but it grows the instance dict by about 0.9 KiB per
-connection. The table costs one entry. `unhook` restores the class.
+call the ``on_read``/``on_write`` methods of one handler, found in a table
+keyed by transport. Setting bound methods on the instance, as Twisted's
+``abortConnection`` does, would work too, but it grows the instance dict by
+about 0.9 KiB per connection. The table costs one entry. `unhook` restores
+the class.
 """
 
 from __future__ import annotations
@@ -19,32 +20,28 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 
-class Reader(Protocol):
-    def do_read(self) -> Exception | None: ...
+class Handler(Protocol):
+    def on_read(self) -> Exception | None:
+        """The transport's socket is readable (instead of its ``doRead``)."""
+
+    def on_write(self) -> Exception | None:
+        """The transport's socket is writable (instead of its ``doWrite``)."""
 
 
-class Writer(Protocol):
-    def do_write(self) -> Exception | None: ...
-
-
-# Transport → (who handles its doRead, who handles its doWrite or None: Twisted).
-_HOOKED: dict[Any, tuple[Reader, Writer | None]] = {}
+_HOOKED: dict[Any, Handler] = {}
 _classes: dict[type, type] = {}
 
 
 def _do_read(transport: Any) -> Exception | None:
-    return _HOOKED[transport][0].do_read()
+    return _HOOKED[transport].on_read()
 
 
 def _do_write(transport: Any) -> Exception | None:
-    writer = _HOOKED[transport][1]
-    if writer is None:
-        return type(transport).__mro__[1].doWrite(transport)  # type: ignore[no-any-return]
-    return writer.do_write()
+    return _HOOKED[transport].on_write()
 
 
-def hook(transport: Any, reader: Reader, writer: Writer | None = None) -> None:
-    """Send the reactor's calls on ``transport`` to ``reader`` (and ``writer``)."""
+def hook(transport: Any, handler: Handler) -> None:
+    """Send the reactor's calls on ``transport`` to ``handler``."""
     if transport in _HOOKED:
         unhook(transport)
     cls = type(transport)
@@ -57,7 +54,7 @@ def hook(transport: Any, reader: Reader, writer: Writer | None = None) -> None:
             "doWrite": _do_write,
         }
         hooked = _classes[cls] = type(f"Hooked{cls.__name__}", (cls,), namespace)
-    _HOOKED[transport] = (reader, writer)
+    _HOOKED[transport] = handler
     transport.__class__ = hooked
 
 
@@ -67,5 +64,9 @@ def unhook(transport: Any) -> None:
         transport.__class__ = type(transport).__mro__[1]
 
 
-def hooked(transport: Any) -> bool:
-    return transport in _HOOKED
+def original_do_write(transport: Any) -> Exception | None:
+    """Twisted's own ``doWrite`` of a hooked (or unhooked) transport."""
+    cls = type(transport)
+    if cls in _classes.values():
+        cls = cls.__mro__[1]
+    return cls.doWrite(transport)  # type: ignore[no-any-return]

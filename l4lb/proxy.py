@@ -40,7 +40,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l4lb.hook import hook, unhook
+from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
 
@@ -626,7 +626,7 @@ class DepartureWatch:
             return None
         return cls(transport, on_left)
 
-    def do_read(self) -> None:
+    def on_read(self) -> None:
         transport: Any = self._transport
         try:
             peeked = transport.socket.recv(1, socket.MSG_PEEK)
@@ -638,6 +638,9 @@ class DepartureWatch:
         transport.stopReading()  # until the splice: the bytes stay in the kernel
         if not peeked:
             self._on_left()
+
+    def on_write(self) -> Exception | None:
+        return original_do_write(self._transport)  # writes stay Twisted's
 
     def stop(self) -> None:
         """Give the transport its reads back (it may have stopped reading)."""

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorFDSet
 
-from l4lb.hook import hook, unhook
+from l4lb.hook import hook, original_do_write, unhook
 
 if TYPE_CHECKING:
     from l4lb.proxy import Session
@@ -182,8 +182,9 @@ class Splicer:
     ) -> None:
         self.up = up = Direction(session, client, server, True, pipes)
         self.down = down = Direction(session, server, client, False, pipes)
-        hook(client, up, down)
-        hook(server, down, up)
+        up.other, down.other = down, up
+        hook(client, up)  # reads for up, writes for down
+        hook(server, down)
 
     @classmethod
     def start(
@@ -214,12 +215,12 @@ class Direction:
     """One direction of a spliced session: ``src`` socket → pipe → ``dst`` socket."""
 
     __slots__ = (
-        "_twisted_do_write",
         "_waiting",
         "broken",
         "dst",
         "dst_fd",
         "from_client",
+        "other",
         "pending",
         "pipe",
         "pipes",
@@ -242,9 +243,18 @@ class Direction:
         self.pending = 0  # bytes in the pipe
         self.broken = False  # sending to dst failed; its doWrite reports the loss
         self._waiting = False  # src stopped by us until dst has taken everything
-        self._twisted_do_write = type(dst).doWrite
+        self.other: Direction = self  # the opposite direction, set by Splicer
 
     # -- the source is readable ------------------------------------------------
+
+    # -- the hook: the source transport's doRead / doWrite --------------------
+
+    def on_read(self) -> Exception | None:
+        return self.do_read()
+
+    def on_write(self) -> Exception | None:
+        """The source transport is writable: that is the opposite direction's dst."""
+        return self.other.do_write()
 
     def do_read(self) -> Exception | None:
         """``src.doRead``: move up to one pipe of bytes in, and straight on if possible."""
@@ -347,7 +357,7 @@ class Direction:
         ):
             # Twisted's own doWrite: its buffer (a copied chunk), then a pending
             # loseConnection / loseWriteConnection once it is empty.
-            result = self._twisted_do_write(dst)
+            result = original_do_write(dst)
             if dst.dataBuffer or dst._tempDataLen:
                 return result
         else:
