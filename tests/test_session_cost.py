@@ -7,14 +7,17 @@ that has room.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
-from twisted.internet import defer
+import pytest_twisted
+from twisted.internet import defer, reactor
 
 from l4lb.config import PoolConfig, ServerAddress, ServerConfig
 from l4lb.pool import Pool
 from tests.fakes import Harness
+from tests.loopback import Lab
 
 
 class _CountingClock:
@@ -117,3 +120,31 @@ class TestAcquireNow:
         pool.release(pool.server("a"))  # serves the queue first
         assert waiting.called
         assert pool.acquire_now("c3") is None  # the slot went to the waiter
+
+
+@pytest_twisted.async_yield_fixture
+async def lab() -> Any:
+    """The test's ports, services and connections; fails the test on leftovers."""
+    lab = Lab(reactor)
+    yield lab
+    problems = await lab.teardown()
+    assert not problems, "left behind by the test:\n" + "\n".join(problems)
+
+
+class TestTunedListener:
+    @pytest_twisted.ensureDeferred
+    async def test_accepted_sockets_inherit_nodelay_and_keepalive(
+        self, lab: Lab
+    ) -> None:
+        """Set once on the listener, the options reach each accepted client socket."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address})
+        assert lb.frontend.listener_tuned
+        client = await lab.connect(lb.port)
+        await lab.until(lambda: lb.frontend.sessions, what="session")
+        (session,) = lb.frontend.sessions
+        sock = session.client.transport.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        client.transport.loseConnection()
+        await lab.until(lambda: not lb.frontend.sessions, what="session over")
