@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.splice import supported as splice_supported
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamClientEndpoint
@@ -162,6 +163,8 @@ class L4LBService(MultiService):
             frontends=len(self.frontends),
             pools={name: len(pool.servers) for name, pool in self.pools.items()},
             max_connections=self.cap.limit,
+            # Whether plain TCP sessions are spliced in the kernel (l4lb.splice).
+            splice=self.config.global_.splice and splice_supported(),
         )
 
     def install_second_signal(self) -> None:
