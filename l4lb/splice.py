@@ -194,7 +194,7 @@ class Splicer:
         if not (supported() and can_splice(client) and can_splice(server)):
             return None
         splicer = cls(session, client, server, PIPES if pipes is None else pipes)
-        client.startReading()  # it was paused until the backend connected
+        client.startReading()  # no-op unless it stopped while waiting for a backend
         server.startReading()
         return splicer
 
