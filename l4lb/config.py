@@ -104,6 +104,9 @@ class GlobalConfig:
     shutdown_grace: float = 30.0
     log_format: str = "json"
     log_level: str = "info"
+    # Zero-copy splicing of plain TCP (Linux os.splice); off or unsupported
+    # falls back to copying through Python.
+    splice: bool = True
 
 
 @attrs.frozen
@@ -1107,6 +1110,7 @@ _GLOBAL = _Section(
         "shutdown_grace": _Key(_Scalar(_duration())),
         "log_format": _Key(_Scalar(_choice(LOG_FORMATS))),
         "log_level": _Key(_Scalar(_choice(LOG_LEVELS))),
+        "splice": _Key(_Scalar(_boolean)),
     },
 )
 

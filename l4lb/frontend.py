@@ -16,7 +16,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
-from l4lb.proxy import ClientProtocol, EndpointForServer, Session, format_address
+from l4lb.proxy import (
+    ClientProtocol,
+    EndpointForServer,
+    Session,
+    format_address,
+    tune_listener,
+)
 from l4lb.tls.pgstarttls import PostgresNegotiation
 from l4lb.tls.termination import ServerTLS, TLSClientProtocol
 
@@ -78,6 +84,8 @@ class Frontend(ServerFactory):
     noisy = False  # "listening" is logged once, in our own format
     # TLS termination: the server TLS connection creator (startTLS argument).
     tls: object | None = None
+    splice = False  # [global] splice: set by the service (l4lb.splice)
+    listener_tuned = False  # accepted sockets inherit _tune's options
 
     def __init__(
         self,
@@ -162,6 +170,7 @@ class Frontend(ServerFactory):
         self.port = port
         self.accepting = True
         self._reading = True
+        self.listener_tuned = tune_listener(port)
         _clamp_accept_batches(port, self.room)
         self.gate()
 

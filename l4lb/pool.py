@@ -110,6 +110,22 @@ class Pool:
             return primaries
         return [s for s in self.servers if s.usable and s.weight > 0 and s.backup]
 
+    def acquire_now(
+        self, client: str, avoid: Collection[ServerState] = ()
+    ) -> ServerState | None:
+        """`acquire` without a Deferred when a server has room and nobody waits.
+
+        None means "ask `acquire`" (it queues, or fails with the reason); the
+        common case, a free slot, costs no Deferred per connection.
+        """
+        if self._queue:
+            return None
+        candidates = self.candidates()
+        if not candidates:
+            return None
+        server = self._pick(candidates, client, avoid)
+        return self._reserve(server) if server is not None else None
+
     def acquire(
         self, client: str, avoid: Collection[ServerState] = ()
     ) -> Deferred[ServerState]:

@@ -2,9 +2,12 @@
 
 Read this module top to bottom to follow one client connection:
 
-1. `ClientProtocol.connectionMade` pauses the client transport (nothing is read,
-   so nothing is buffered, until a backend is connected) and starts a `Session`;
-   a `DepartureWatch` notices the waiting client leaving without reading it.
+1. `ClientProtocol.connectionMade` starts a `Session`. Nothing is read from the
+   client (so nothing is buffered) until a backend is connected: a
+   `DepartureWatch` takes the client socket's readiness calls and only peeks,
+   to notice the waiting client leaving (transports it cannot watch are
+   paused instead). TLS clients start once their handshake is done
+   (`l4lb.tls.termination`, `l4lb.tls.pgstarttls`).
 2. `Session.connect` (on a ``route_by_sni`` frontend, once
    `l4lb.tls.passthrough` has read the ClientHello and picked the pool) asks
    the pool for a server (possibly after queueing) and
@@ -25,23 +28,25 @@ Read this module top to bottom to follow one client connection:
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorFDSet,
-    IReadDescriptor,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
+from l4lb.splice import Splicer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -59,6 +64,9 @@ log = structlog.get_logger("l4lb.proxy")
 # The one seam all backend connections go through: tests replace it, and
 # health checks and backend TLS will use it too.
 EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
+
+# How late the session's timer may fire past a deadline rather than be replaced.
+_TIMER_SLACK = 0.01
 
 # Failures of a connect attempt that are worth another server.
 _CONNECT_FAILURES = (
@@ -79,6 +87,25 @@ def _tune(transport: ITransport) -> None:
             pass  # the peer may already have gone; the read/write path will notice
 
 
+def tune_listener(port: object) -> bool:
+    """Set `_tune`'s options on a listening TCP socket; True if they took.
+
+    Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening socket to each
+    accepted one, which saves two system calls per client connection.
+    """
+    sock = getattr(port, "socket", None)
+    if not sys.platform.startswith("linux") or not isinstance(sock, socket.socket):
+        return False
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        return False
+    return True
+
+
 @implementer(IHalfCloseableProtocol)
 class ClientProtocol(Protocol):
     """The accepted client side of a session."""
@@ -95,8 +122,8 @@ class ClientProtocol(Protocol):
         self.frontend = frontend
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # read nothing until a backend is connected
-        _tune(self.transport)
+        if not self.frontend.listener_tuned:  # else inherited from the listener
+            _tune(self.transport)
         self.session = Session(self.frontend, self)
         self.session.start()
 
@@ -161,7 +188,51 @@ class _ServerFactory(Factory):
 
 
 class Session:
-    """One client connection, its backend connection, and its one log line."""
+    """One client connection, its backend connection, and its one log line.
+
+    A session owns at most one timer (``_timer``) for its whole life: the
+    connect deadline, then the idle / half-closed check, then the lingering
+    close. Each firing looks at the session's state, acts if a deadline has
+    passed, and otherwise re-arms for the next one; a deadline pushed back by
+    traffic or a phase change costs no new timer.
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_attempt_deadline",
+        "_attempt_timed_out",
+        "_client_eof",
+        "_client_gone",
+        "_client_paces_server",
+        "_closing_at",
+        "_connecting",
+        "_finished",
+        "_server_eof",
+        "_server_gone",
+        "_server_paces_client",
+        "_timer",
+        "_watch",
+        "bytes_from_client",
+        "bytes_from_server",
+        "client",
+        "client_address",
+        "client_host",
+        "clock",
+        "connect_time",
+        "detail",
+        "first_bytes",
+        "frontend",
+        "last_activity",
+        "log_fields",
+        "pool",
+        "read_early",
+        "reason",
+        "retries",
+        "server",
+        "server_state",
+        "splicer",
+        "started",
+    )
 
     def __init__(self, frontend: Frontend, client: ClientProtocol) -> None:
         self.frontend = frontend
@@ -191,6 +262,10 @@ class Session:
         self._connecting: Deferred[None] | None = None
         self._watch: DepartureWatch | None = None
         self._timer: IDelayedCall | None = None
+        self._attempt: Deferred[object] | None = None  # the connect in progress
+        self._attempt_deadline = 0.0
+        self._attempt_timed_out = False
+        self._closing_at: float | None = None  # when we started closing
         self._finished = False
         # Which transport is registered as the other's producer (flow control).
         self._client_paces_server = False
@@ -199,6 +274,7 @@ class Session:
         # bytes through ``read_early``; they go to the server first.
         self.read_early: Callable[[bytes], None] | None = None
         self.first_bytes = b""
+        self.splicer: Splicer | None = None  # set when the kernel moves the bytes
 
     # -- 1. start ----------------------------------------------------------
 
@@ -210,16 +286,22 @@ class Session:
             self.connect_now()
 
     def connect_now(self) -> None:
+        """Find and connect a server; the client is not read until then."""
+        if self.frontend.router is None:  # a router reads the client first
+            self.watch_departure()
         connecting = Deferred.fromCoroutine(self.connect())
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
-            if self.read_early is None:  # a router reading the client sees it leave
-                self.watch_departure()
         connecting.addErrback(self._connect_failed)
 
     def watch_departure(self) -> None:
-        """Notice the paused client leaving while it waits for a server."""
-        self._watch = DepartureWatch.start(self.client.transport, self.client_left)
+        """Read nothing until a backend is connected: watch (peek) or pause."""
+        transport = self.client.transport
+        self._watch = DepartureWatch.start(transport, self.client_left)
+        if self._watch is None:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()  # a router may have paused it: the watch reads
 
     def client_left(self) -> None:
         """The waiting client closed without sending a byte, or reset: stop waiting."""
@@ -242,46 +324,62 @@ class Session:
             self.watch_departure()
         pool = self.pool
         assert pool is not None
+        timeout = pool.config.connect_timeout
         tried: list[ServerState] = []
         while True:
-            server_state = await pool.acquire(self.client_host, tried)
+            # A server with room is picked at once, without a Deferred.
+            server_state = pool.acquire_now(self.client_host, tried)
+            if server_state is None:
+                server_state = await pool.acquire(self.client_host, tried)
             attempt_started = self.clock.seconds()
             protocol = ServerProtocol()
             endpoint = self.frontend.endpoint_for(server_state)
             attempt = endpoint.connect(_ServerFactory(protocol))
-            attempt.addTimeout(
-                pool.config.connect_timeout, self.clock, onTimeoutCancel=_timed_out
-            )
+            # The session's timer cancels the attempt at its deadline.
+            self._attempt = attempt
+            self._attempt_deadline = attempt_started + timeout
+            self._attempt_timed_out = False
+            self._schedule()
             try:
                 await attempt
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                # The client left or we are closing (real endpoints fail a
-                # cancelled connect with ConnectingCancelledError).
-                pool.release(server_state)
-                raise defer.CancelledError() from None
-            except _CONNECT_FAILURES as e:
-                pool.release(server_state)
-                tried.append(server_state)
-                why = _describe_connect_failure(e, pool.config.connect_timeout)
-                log.warning(
-                    "server connect failed",
-                    frontend=self.frontend.name,
-                    pool=pool.name,
-                    server=server_state.name,
-                    client=format_address(self.client_address),
-                    error=why,
-                    attempt=self.retries + 1,
+            except (defer.CancelledError, error.ConnectingCancelledError) as e:
+                self._attempt = None
+                if not self._attempt_timed_out:
+                    # The client left or we are closing (real endpoints fail a
+                    # cancelled connect with ConnectingCancelledError).
+                    pool.release(server_state)
+                    raise defer.CancelledError() from None
+                failure: BaseException = defer.TimeoutError(
+                    f"connect timed out after {timeout:g}s"
                 )
-                pool.connect_failed(server_state, why)  # after: logs read in order
-                if self.retries >= pool.config.retries:
-                    raise NoServerError(
-                        "connect failed", f"{server_state.name}: {why}"
-                    ) from e
-                self.retries += 1
-                continue
-            self.connect_time = self.clock.seconds() - attempt_started
-            self.splice(server_state, protocol)
-            return
+                failure.__cause__ = e
+            except _CONNECT_FAILURES as e:
+                self._attempt = None
+                failure = e
+            else:
+                self._attempt = None
+                self.connect_time = self.clock.seconds() - attempt_started
+                self.splice(server_state, protocol)
+                return
+            # A failed attempt: count it, then try the next server or give up.
+            pool.release(server_state)
+            tried.append(server_state)
+            why = _describe_connect_failure(failure, timeout)
+            log.warning(
+                "server connect failed",
+                frontend=self.frontend.name,
+                pool=pool.name,
+                server=server_state.name,
+                client=format_address(self.client_address),
+                error=why,
+                attempt=self.retries + 1,
+            )
+            pool.connect_failed(server_state, why)  # after: logs read in order
+            if self.retries >= pool.config.retries:
+                raise NoServerError(
+                    "connect failed", f"{server_state.name}: {why}"
+                ) from failure
+            self.retries += 1
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -317,18 +415,21 @@ class Session:
         if self.first_bytes:  # read by a router: at most 16 KiB plus one read
             server_transport.write(self.first_bytes)
             self.first_bytes = b""
-        # Each transport pauses the other when its write buffer is full.
-        server_transport.registerProducer(client_transport, True)
-        self._client_paces_server = True
-        client_transport.registerProducer(server_transport, True)
-        self._server_paces_client = True
-        if self.client.early:
+        if self.client.early:  # read before a server was connected: goes first
             early, self.client.early = self.client.early, b""
             self.client.dataReceived(early)
-        client_transport.resumeProducing()
+        if self.frontend.splice:  # refused while bytes above are still buffered
+            self.splicer = Splicer.start(self, client_transport, server_transport)
+        if self.splicer is None:
+            # Each transport pauses the other when its write buffer is full.
+            server_transport.registerProducer(client_transport, True)
+            self._client_paces_server = True
+            client_transport.registerProducer(server_transport, True)
+            self._server_paces_client = True
+            client_transport.resumeProducing()
         self.last_activity = self.clock.seconds()
-        self._arm_timer()
-        health = self.pool.config.health
+        self._schedule()
+        health = self.pool.config.health  # type: ignore[union-attr]
         if not server_state.usable and health is not None and health.on_down == "close":
             self.close("server down")  # it went down while we were connecting
 
@@ -347,7 +448,7 @@ class Session:
             self._close_both()
         else:
             self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
-            self._arm_timer()
+            self._schedule()
 
     def server_eof(self) -> None:
         """The server finished sending: pass its FIN on to the client."""
@@ -363,7 +464,7 @@ class Session:
             self._linger()
         else:
             self.client.transport.loseWriteConnection()
-            self._arm_timer()
+            self._schedule()
 
     def client_lost(self, reason: Failure | None) -> None:
         self._stop_watching()
@@ -444,31 +545,19 @@ class Session:
 
     def _linger(self) -> None:
         """Closing flushes what is buffered; a peer that never reads gets aborted."""
-        limit = (
-            self.frontend.config.half_closed_timeout
-            or self.frontend.config.idle_timeout
-        )
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if limit > 0:
-            self._timer = self.clock.callLater(limit, self._abort_lingering)
+        if self._closing_at is None:
+            self._closing_at = self.clock.seconds()
+        self._schedule()
 
     def _abort_lingering(self) -> None:
-        self._timer = None
         for transport in self._live_transports():
             transport.abortConnection()
 
-    # -- timeouts ----------------------------------------------------------
+    # -- timeouts: one timer per session ------------------------------------
 
-    def _arm_timer(self) -> None:
-        """(Re)start the quiet timer; after a half-close its limit may be shorter."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        limit = self._quiet_limit()
-        if limit > 0:
-            self._timer = self.clock.callLater(limit, self._check_quiet)
+    def _linger_limit(self) -> float:
+        config = self.frontend.config
+        return config.half_closed_timeout or config.idle_timeout
 
     def _quiet_limit(self) -> float:
         config = self.frontend.config
@@ -478,19 +567,66 @@ class Session:
             return config.half_closed_timeout
         return config.idle_timeout
 
-    def _check_quiet(self) -> None:
-        """One timer per session, pushed forward lazily instead of per byte."""
-        self._timer = None
+    def _deadline(self) -> float | None:
+        """When the timer must next look at this session (None: never)."""
+        if self._attempt is not None:
+            return None if self._attempt_timed_out else self._attempt_deadline
+        if self._closing_at is not None:
+            limit = self._linger_limit()
+            return self._closing_at + limit if limit > 0 else None
+        if self.server is None:
+            return None  # queued: the pool's queue timeout applies
+        # First the shortest limit that may apply, so that a half-close (which
+        # may shorten the limit) needs no new timer; once that has passed, the
+        # limit that applies now.
+        config = self.frontend.config
+        idle, half = config.idle_timeout, config.half_closed_timeout
+        if idle > 0 and half > 0:
+            early = self.last_activity + min(idle, half)
+            if early > self.clock.seconds():
+                return early
         limit = self._quiet_limit()
-        if limit <= 0:
-            return
-        deadline = self.last_activity + limit
+        return self.last_activity + limit if limit > 0 else None
+
+    def _schedule(self) -> None:
+        """Point the one timer at the current deadline (called at phase changes)."""
+        deadline = self._deadline()
+        timer = self._timer
+        if timer is not None:
+            # _TIMER_SLACK: a timer reset a moment ago to (nearly) this deadline
+            # lands a few microseconds after it on a real clock; that is not
+            # worth a new timer.
+            if deadline is not None and timer.getTime() <= deadline + _TIMER_SLACK:
+                if timer.getTime() < deadline:
+                    # Later: Twisted moves it lazily, without a new timer.
+                    timer.reset(deadline - self.clock.seconds())
+                return
+            self._timer = None
+            timer.cancel()  # sooner: a new timer is cheaper than moving it up
+        if deadline is not None and not self._finished:
+            delay = max(0.0, deadline - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """A deadline may have passed: act on it, or re-arm for the next one."""
+        self._timer = None
         now = self.clock.seconds()
-        if now >= deadline:
-            half = self._client_eof or self._server_eof
-            self.close("half-closed timeout" if half else "idle timeout")
-        else:
-            self._timer = self.clock.callLater(deadline - now, self._check_quiet)
+        if self._attempt is not None:
+            if now >= self._attempt_deadline:
+                self._attempt_timed_out = True
+                self._attempt.cancel()  # → the connect loop's timeout branch
+        elif self._closing_at is not None:
+            limit = self._linger_limit()
+            if limit > 0 and now >= self._closing_at + limit:
+                self._abort_lingering()
+                return
+        elif self.server is not None:
+            limit = self._quiet_limit()
+            if limit > 0 and now >= self.last_activity + limit:
+                half = self._client_eof or self._server_eof
+                self.close("half-closed timeout" if half else "idle timeout")
+                return
+        self._schedule()
 
     # -- 5. finish ---------------------------------------------------------
 
@@ -505,9 +641,11 @@ class Session:
         if self._connecting is not None:
             return
         self._finished = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self.splicer is not None:
+            self.splicer.close()
+        if self._timer is not None:
+            timer, self._timer = self._timer, None
+            timer.cancel()
         fields = {
             "frontend": self.frontend.name,
             "pool": self.pool.name if self.pool is not None else None,
@@ -530,70 +668,67 @@ class Session:
         self.frontend.session_finished(self)
 
 
-@implementer(IReadDescriptor)
 class DepartureWatch:
     """Notices a waiting client leaving, without reading (and buffering) its bytes.
 
-    While a client waits for a server (queued or connecting) its transport is
-    paused, so the reactor does not watch its socket and a departure would go
-    unseen until the backend is connected. This registers the same socket for
-    readability and peeks: an end of stream before any byte, or a reset, means
-    the client left, and its wait is cancelled. Once a byte is waiting, the
-    watch ends and the byte stays in the kernel: after data a FIN may be a
-    half-close (send a request, shut the write half, await the reply), which
-    must be served, so it is left for the splice to pass on.
+    While a client waits for a server (queued or connecting), its bytes must
+    stay in the kernel. A departure must still be seen, or the client would
+    hold a queue place or a connect attempt until the backend answers. The
+    watch takes the client transport's readiness calls (`l4lb.hook`). The
+    socket stays registered with the reactor, so a watch costs no epoll change
+    when the backend connects before the client sends. On readability it peeks
+    at one byte:
+
+    - An end of stream before any byte, or a reset, means the client left,
+      and its wait is cancelled.
+    - Once a byte is waiting, the watch ends, the transport stops reading, and
+      the byte stays in the kernel. After data, a FIN may be a half-close (send
+      a request, shut the write half, await the reply) that must be served, so
+      it is left for the splice to pass on.
     """
 
-    def __init__(
-        self, reactor: IReactorFDSet, sock: socket.socket, on_left: Callable[[], None]
-    ) -> None:
-        self._reactor = reactor
-        self._socket = sock
-        self._fileno = sock.fileno()
+    __slots__ = ("_active", "_on_left", "_transport")
+
+    def __init__(self, transport: ITransport, on_left: Callable[[], None]) -> None:
+        self._transport = transport
         self._on_left = on_left
         self._active = True
-        reactor.addReader(self)
+        hook(transport, self)
 
     @classmethod
     def start(
         cls, transport: ITransport, on_left: Callable[[], None]
     ) -> DepartureWatch | None:
-        """Watch a plain TCP/UNIX socket transport; others (test fakes, TLS) are not watched."""
-        sock = getattr(transport, "socket", None)
-        reactor = getattr(transport, "reactor", None)
-        if not isinstance(sock, socket.socket) or not IReactorFDSet.providedBy(reactor):
+        """Watch a reading TCP/UNIX socket transport; others (test fakes, TLS) are not."""
+        if (
+            not isinstance(transport, tcp.Connection)
+            or getattr(transport, "TLS", False)  # started TLS: the TLS layer reads
+            or not IReactorFDSet.providedBy(transport.reactor)
+        ):
             return None
-        return cls(reactor, sock, on_left)
+        return cls(transport, on_left)
 
-    def fileno(self) -> int:
-        return self._fileno
-
-    def logPrefix(self) -> str:
-        return "l4lb-departure-watch"
-
-    def doRead(self) -> None:
+    def on_read(self) -> None:
+        transport: Any = self._transport
         try:
-            peeked = self._socket.recv(1, socket.MSG_PEEK)
+            peeked = transport.socket.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             peeked = b""  # reset by the peer
         self.stop()
+        transport.stopReading()  # until the splice: the bytes stay in the kernel
         if not peeked:
             self._on_left()
 
+    def on_write(self) -> Exception | None:
+        return original_do_write(self._transport)  # writes stay Twisted's
+
     def stop(self) -> None:
+        """Give the transport its reads back (it may have stopped reading)."""
         if self._active:
             self._active = False
-            self._reactor.removeReader(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._active = False
-
-
-def _timed_out(result: object, timeout: float) -> Failure:
-    """``addTimeout`` fired: whatever the cancelled endpoint failed with, it is a timeout."""
-    return Failure(defer.TimeoutError(f"connect timed out after {timeout:g}s"))
+            unhook(self._transport)
 
 
 def _describe_connect_failure(exc: BaseException, timeout: float) -> str:

@@ -32,6 +32,7 @@ from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.health.monitor import HealthService, PoolMonitor
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.splice import supported as splice_supported
 from l4lb.tls.backend import BackendTLS
 from l4lb.tls.passthrough import SniRouter
 from l4lb.tls.termination import ServerTLS
@@ -58,9 +59,11 @@ def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoi
         ip = ip_address(address.host)
     except ValueError:
         return HostnameEndpoint(reactor, address.host, address.port, timeout=3600)
+    # timeout=None: no connector timer per connection; the session's one timer
+    # enforces connect_timeout.
     if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=3600)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=3600)
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=None)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=None)
 
 
 # Descriptors besides two per proxied connection: listeners, probes, logs, Twisted's own.
@@ -149,6 +152,7 @@ class L4LBService(MultiService):
             )
             if fe.route_by_sni:
                 frontend.router = SniRouter(fe, self.pools, default, reactor)
+            frontend.splice = config.global_.splice
             self.frontends[fe.name] = frontend
             FrontendService(frontend, reactor).setServiceParent(self)
         # Health probes: children added after the frontends, stopped after the drain.
@@ -204,6 +208,8 @@ class L4LBService(MultiService):
             frontends=len(self.frontends),
             pools={name: len(pool.servers) for name, pool in self.pools.items()},
             max_connections=self.cap.limit,
+            # Whether plain TCP sessions are spliced in the kernel (l4lb.splice).
+            splice=self.config.global_.splice and splice_supported(),
         )
 
     def install_second_signal(self) -> None:

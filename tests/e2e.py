@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 0.02
 
+# L4LB_TEST_SPLICE=0 (or 1) runs every l4lb these tests start with
+# [global] splice = false (or true) unless a test sets it; unset: l4lb's default.
+_SPLICE_ENV = os.environ.get("L4LB_TEST_SPLICE")
+SPLICE = None if _SPLICE_ENV in (None, "") else _SPLICE_ENV not in ("0", "false")
+
 
 def wait_until(
     condition: Callable[[], T],
@@ -153,6 +158,8 @@ def l4lb_config(
     ``frontends`` maps a name to its keys (``listen``, ``pool``, ...); ``pools``
     maps a name to its keys plus ``servers``, a list of server tables.
     """
+    if SPLICE is not None:
+        global_.setdefault("splice", SPLICE)
     text = _toml_table("[global]", {"log_format": "json", **global_})
     for name, keys in frontends.items():
         text += _toml_table(f"[frontend.{name}]", keys)

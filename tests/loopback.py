@@ -34,9 +34,11 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l4lb import splice as l4lb_splice
 from l4lb.config import parse_config
 from l4lb.frontend import Frontend
 from l4lb.service import L4LBService
+from tests.e2e import SPLICE
 
 MiB = 1 << 20
 
@@ -287,11 +289,13 @@ def config_text(
     frontend: str = "",
     grace: str = "2s",
     listen: str = "127.0.0.1:0",
+    splice: bool | None = None,
 ) -> str:
     """TOML for frontend ``fe`` on an ephemeral port in front of pool ``p``."""
     lines = [
         "[global]",
         f'shutdown_grace = "{grace}"',
+        "" if splice is None else f"splice = {str(splice).lower()}",
         "[frontend.fe]",
         f'listen = "{listen}"',
         'pool = "p"',
@@ -314,8 +318,10 @@ def free_port() -> int:
 class Lab:
     """Everything one test makes on the reactor, and the check that it is gone."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, splice: bool | None = None) -> None:
         self.reactor = reactor
+        # [global] splice of every l4lb built; None: L4LB_TEST_SPLICE or the default.
+        self.splice = SPLICE if splice is None else splice
         self.errors: list[Failure] = []
         self.backends: list[Backend] = []
         self.services: list[L4LB] = []
@@ -358,7 +364,9 @@ class Lab:
 
     def l4lb(self, servers: dict[str, str], **sections: str) -> L4LB:
         """Parse, build and start l4lb; its frontend listens on an ephemeral port."""
-        config = parse_config(config_text(servers, **sections), "<test>")
+        config = parse_config(
+            config_text(servers, splice=self.splice, **sections), "<test>"
+        )
         service = L4LBService(config, self.reactor)
         service.startService()
         frontend = service.frontends["fe"]
@@ -473,6 +481,10 @@ class Lab:
             )
         for s in self.sockets:
             s.close()
+        if l4lb_splice.PIPES.in_use:
+            problems.append(
+                f"{l4lb_splice.PIPES.in_use} splice pipe(s) never given back"
+            )
         for host, port in self.tcp_ports:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family) as probe:

@@ -555,8 +555,9 @@ def recv_exactly(sock: socket.socket, count: int, sha: Any) -> None:
 
 @pytest.mark.slow
 class TestSlowReader:
+    @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
     def test_one_gib_to_a_stalled_reader_keeps_memory_bounded(
-        self, run_l4lb: Callable[..., L4LB], tmp_path: Path
+        self, run_l4lb: Callable[..., L4LB], tmp_path: Path, splice: bool
     ) -> None:
         """A client that stops reading stalls the backend instead of filling RAM."""
         started = time.monotonic()
@@ -568,9 +569,11 @@ class TestSlowReader:
                         "bulk": {"listen": f"127.0.0.1:{free_port()}", "pool": "b"}
                     },
                     pools={"b": {"servers": [{"address": f"127.0.0.1:{sender.port}"}]}},
+                    splice=splice,
                 )
             )
             baseline = lb.rss_kib()
+            cpu_before = lb.cpu_seconds()
             sha = hashlib.sha256()
             with socket.create_connection(lb.address(), timeout=60) as client:
                 recv_exactly(client, MiB, sha)
@@ -589,6 +592,8 @@ class TestSlowReader:
             sender.join(30)
             assert sha.hexdigest() == sender.digest
             (line,) = lb.wait_for_closed(1, timeout=20)
+            # Indicative only (shared machine): l4lb's CPU time for this GiB.
+            print(f"slow reader: l4lb CPU {lb.cpu_seconds() - cpu_before:.2f} s/GiB")
             assert line["bytes_from_server"] == GiB
             assert line["bytes_from_client"] == 0
             peak = lb.peak_rss_kib() - baseline

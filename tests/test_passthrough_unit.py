@@ -64,7 +64,9 @@ class TestReading:
         client, _ = h.accept()
         client.dataReceived(HELLO)
         h.complete()
-        assert [c.getTime() for c in h.clock.getDelayedCalls()] == [3600.0]  # idle
+        # Only the session's own timer (idle / half-closed checks) is left.
+        [timer] = h.clock.getDelayedCalls()
+        assert timer.func == client.session._on_timer
 
 
 class TestTimeout:
