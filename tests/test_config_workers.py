@@ -27,7 +27,9 @@ def problems(text: str) -> list[str]:
 
 
 def workers(value: str, listen: str = '"127.0.0.1:7000"') -> int:
-    return parse_config(BASE.format(workers=value, listen=listen), "x.toml").global_.workers
+    return parse_config(
+        BASE.format(workers=value, listen=listen), "x.toml"
+    ).global_.workers
 
 
 class TestWorkers:
@@ -44,7 +46,7 @@ class TestWorkers:
         assert workers(str(value)) == value
 
     def test_auto_is_cpu_count(self) -> None:
-        """"auto" means one worker per CPU."""
+        """ "auto" means one worker per CPU."""
         assert workers('"auto"') == (os.cpu_count() or 1)
 
     @pytest.mark.parametrize(
