@@ -364,7 +364,7 @@ class Supervisor(MultiService):
                 self.config.global_.shutdown_grace + KILL_AFTER, self._kill_stuck
             )
             await self._exited
-            if self._kill_timer.active():
+            if self._kill_timer is not None and self._kill_timer.active():
                 self._kill_timer.cancel()
             self._kill_timer = None
         await _as_deferred(super().stopService())
