@@ -402,3 +402,103 @@ class TestOneHealthView:
         assert {line["server"] for line in lines} == {"b1"}
         assert {line["worker"] for line in lines} == {0, 1}
         assert len(b.accepted) - before >= 30
+
+
+class TestHealthInWorkers:
+    def test_on_down_close_closes_sessions_in_every_worker(
+        self, run: Callable[..., Workers], backends: Callable[[int], list[Backend]]
+    ) -> None:
+        """A server marked down by the supervisor loses its live sessions in both workers."""
+        data, check = backends(2)
+        lb = run(
+            config(
+                [data],
+                health={
+                    "interval": 0.3,
+                    "port": check.port,
+                    "on_down": "close",
+                    "fall": 1,
+                },
+            )
+        )
+        _, port = lb.address()
+        held = []
+        try:
+            for _ in range(16):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(s)
+                s.sendall(b"x")
+                assert s.recv(1) == b"x"
+            check.kill()  # the data server stays up: only the check fails
+            lines = lb.wait_for_closed(16, timeout=20)
+        finally:
+            for s in held:
+                s.close()
+        assert {line["reason"] for line in lines} == {"server down"}
+        assert {line["worker"] for line in lines} == {0, 1}
+        (down,) = lb.events("server down")
+        assert down["on_down"] == "close"
+
+    def test_failed_connects_in_workers_reach_the_supervisor(
+        self, run: Callable[..., Workers], backends: Callable[[int], list[Backend]]
+    ) -> None:
+        """``observe``: clients' refused connects in a worker mark the server down."""
+        (live,) = backends(1)
+        dead = Backend()
+        dead.kill()  # nothing listens on its port any more
+        text = config(
+            [live],
+            pool={"balance": "round-robin"},
+            health={
+                "interval": 60,
+                "fall": 1,
+                "observe": True,
+            },
+        ).replace(
+            'name = "b0"\n',
+            f'name = "b0"\n\n[[pool.p.server]]\naddress = "127.0.0.1:{dead.port}"\n'
+            'name = "dead"\n',
+        )
+        lb = run(text)
+        _, port = lb.address()
+        wait_until(
+            lambda: echo_once(port) == b"ping" and lb.events("server down"),
+            20,
+            "a refused client connect to mark the dead server down",
+        )
+        (down,) = lb.events("server down")
+        assert down["server"] == "dead"
+        assert down["reason"].startswith("client connect failed")
+        assert "worker" not in down
+
+
+class TestSecondSignal:
+    def test_second_sigterm_closes_at_once_in_every_worker(
+        self, run: Callable[..., Workers], backends: Callable[[int], list[Backend]]
+    ) -> None:
+        """A second SIGTERM during a long grace is passed on: workers close what is left."""
+        lb = run(config(backends(1), shutdown_grace="60s"))
+        host, port = lb.address()
+        held = []
+        try:
+            for _ in range(8):
+                s = socket.create_connection((host, port), timeout=10)
+                held.append(s)
+                s.sendall(b"x")
+                assert s.recv(1) == b"x"
+            lb.signal(signal.SIGTERM)
+            wait_until(
+                lambda: len(lb.worker_lines("stopping")) == 2, 10, "workers stopping"
+            )
+            lb.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            status = lb.wait(15)
+        finally:
+            for s in held:
+                s.close()
+        assert status in CLEAN_EXIT, lb.output()
+        assert time.monotonic() - signalled < 10
+        assert {line["reason"] for line in lb.closed_lines()} == {"shutdown"}
+        assert len(lb.closed_lines()) == 8
+        warnings = lb.worker_lines("second stop signal: closing connections now")
+        assert {e["worker"] for e in warnings} == {0, 1}
