@@ -148,7 +148,7 @@ class Supervisor(MultiService):
         self.config = config
         self.config_path = config_path
         self.reactor = reactor
-        self.spawn = spawn if spawn is not None else reactor.spawnProcess
+        self.spawn = spawn  # None: reactor.spawnProcess
         self.foreground = foreground
         self._log_observer = log_observer
         self._reserve = reserve  # tests of the process logic bind nothing
@@ -222,7 +222,8 @@ class Supervisor(MultiService):
     def _spawn(self, worker: Worker) -> None:
         worker.restart = None
         output: Any = (1, 2) if self.foreground else ("r", "r")
-        process = self.spawn(
+        spawn = self.spawn if self.spawn is not None else self.reactor.spawnProcess
+        process = spawn(
             WorkerProtocol(self, worker),
             sys.executable,
             self.worker_args(worker),

@@ -14,6 +14,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from l4lb.config import parse_config
+from l4lb.service import L4LBService
+from l4lb.tap import Options, makeService
 from l4lb.supervisor import KILL_AFTER, Backoff, Supervisor, exit_status
 from l4lb.worker import HealthFollower
 from l4lb.workerlink import LineBuffer, StateTracker, apply_states
@@ -76,7 +78,9 @@ class FakeProcess:
 class Lab:
     """A supervisor on a `MemoryReactorClock` whose processes are `FakeProcess`es."""
 
-    def __init__(self, workers: int = 2, on_down: str = "keep") -> None:
+    def __init__(
+        self, workers: int = 2, on_down: str = "keep", foreground: bool = True
+    ) -> None:
         self.reactor = MemoryReactorClock()
         self.processes: list[FakeProcess] = []
         self.supervisor = Supervisor(
@@ -85,6 +89,7 @@ class Lab:
             self.reactor,
             spawn=self.spawn,
             reserve=False,
+            foreground=foreground,
         )
         self.supervisor.ports = {"f": 7000}
 
@@ -177,6 +182,20 @@ class TestStart:
         lab = Lab().start()
         assert lab.processes[0].kw["childFDs"] == {0: "w", 1: 1, 2: 2, 3: "r"}
 
+    def test_daemon_workers_output_is_relayed(self) -> None:
+        """As a daemon, worker output comes through pipes and goes to twistd's log."""
+        from twisted.logger import globalLogPublisher
+
+        lab = Lab(foreground=False).start()
+        assert lab.processes[0].kw["childFDs"] == {0: "w", 1: "r", 2: "r", 3: "r"}
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        try:
+            lab.processes[0].protocol.childDataReceived(1, b'{"event": "x"}\n{"ev')
+        finally:
+            globalLogPublisher.removeObserver(seen.append)
+        assert [e["line"] for e in seen] == ['{"event": "x"}']
+
     def test_first_line_is_a_snapshot_of_every_server(self) -> None:
         """A worker's first line holds the state of every server."""
         lab = Lab().start()
@@ -191,6 +210,28 @@ class TestStart:
         monitor = lab.supervisor.health.monitors["p"]
         assert monitor.running
         assert all(p.timer is not None for p in monitor.probes.values())
+
+
+class TestTap:
+    def test_workers_make_a_supervisor(self, tmp_path: Any) -> None:
+        """``workers = 2`` makes twistd a supervisor given the config's absolute path."""
+        path = tmp_path / "w.toml"
+        path.write_text(CONFIG.format(workers=2, on_down="keep"))
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        service = makeService(options, reactor=MemoryReactorClock())
+        assert isinstance(service, Supervisor)
+        assert service.config_path == str(path)
+        assert len(service.workers) == 2
+
+    def test_one_worker_is_the_single_process(self, tmp_path: Any) -> None:
+        """``workers = 1`` keeps the single-process service."""
+        path = tmp_path / "w.toml"
+        path.write_text(CONFIG.format(workers=1, on_down="keep"))
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        service = makeService(options, reactor=MemoryReactorClock())
+        assert type(service) is L4LBService
 
 
 class TestHealthMessages:
