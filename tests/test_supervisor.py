@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 
 from l4lb.config import parse_config
 from l4lb.service import L4LBService
-from l4lb.tap import Options, makeService
 from l4lb.supervisor import KILL_AFTER, Backoff, Supervisor, exit_status
+from l4lb.tap import Options, makeService
 from l4lb.worker import HealthFollower
 from l4lb.workerlink import LineBuffer, StateTracker, apply_states
 
