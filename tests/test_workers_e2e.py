@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -502,3 +503,54 @@ class TestSecondSignal:
         assert len(lb.closed_lines()) == 8
         warnings = lb.worker_lines("second stop signal: closing connections now")
         assert {e["worker"] for e in warnings} == {0, 1}
+
+
+class TestTLS:
+    def test_tls_frontend_and_certificate_reload_in_every_worker(
+        self,
+        tmp_path: Path,
+        run: Callable[..., Workers],
+        backends: Callable[[int], list[Backend]],
+    ) -> None:
+        """TLS is terminated in both workers, and SIGHUP gives both the new certificate."""
+        from cryptography.hazmat.primitives import serialization
+
+        from tests.tls_material import TLSMaterial
+
+        pki = TLSMaterial(tmp_path / "pki")
+        live = pki.write(pki.server("first", "db.example.com"), "live")
+        assert live.cert_path is not None and live.key_path is not None
+        text = config(backends(1)) + (
+            "[frontend.f.tls]\n"
+            f'certificates = [{{ cert = "{live.cert_path}", key = "{live.key_path}" }}]\n'
+        )
+        lb = run(text)
+        address = lb.address()
+        context = ssl.create_default_context(cafile=str(pki.ca.cert_path))
+
+        def handshake() -> bytes:
+            raw = socket.create_connection(address, timeout=10)
+            with context.wrap_socket(raw, server_hostname="db.example.com") as tls:
+                tls.sendall(b"hello")
+                assert tls.recv(5) == b"hello"
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+                return der
+
+        def der(issued: Any) -> bytes:
+            return issued.cert.public_bytes(serialization.Encoding.DER)
+
+        assert {handshake() for _ in range(10)} == {der(live)}
+        renewed = pki.write(pki.server("second", "db.example.com"), "live")
+        lb.signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                {e["worker"] for e in lb.worker_lines("tls certificates reloaded")}
+                == {0, 1}
+            ),
+            10,
+            "both workers to reload",
+        )
+        assert {handshake() for _ in range(20)} == {der(renewed)}
+        lines = lb.wait_for_closed(30)
+        assert {line["worker"] for line in lines} == {0, 1}
