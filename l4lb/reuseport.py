@@ -50,11 +50,11 @@ def bind_address(config: FrontendConfig, port: int | None = None) -> BindAddress
     ``":6380"`` binds 0.0.0.0 like Twisted's ``tcp:6380`` does.
     """
     parsed = _listen(config.listen)
-    kind, ip, own_port = parsed.bind
-    if kind != "tcp":
+    if parsed.bind[0] != "tcp":
         raise ValueError(
             f"frontend.{config.name}: {config.listen} is not a TCP address"
         )
+    _, ip, own_port = parsed.bind
     if parsed.kind == "tcp6":
         family, host = socket.AF_INET6, "::" if ip is None else str(ip)
     else:
