@@ -136,8 +136,15 @@ class Workers(L4LB):
     def kill(self) -> None:
         super().kill()
         for pid in self.all_pids():
+            # Only a process still running this test's worker command: a pid
+            # of a worker that exited may have been reused since.
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if (
+                    b"l4lb.worker" in command
+                    and str(self.config_path).encode() in command
+                ):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def both_listening(lb: L4LB) -> bool:
