@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from twisted.internet import stdio
@@ -33,6 +33,8 @@ from l4lb.logs import TwistedBridge, configure_logging
 from l4lb.pool import Pool, ServerState
 from l4lb.reuseport import ReusePortEndpoint
 from l4lb.service import L4LBService
+from l4lb.tls.backend import check_backend_tls
+from l4lb.tls.certificates import check_config as check_certificates
 from l4lb.workerlink import (
     LineBuffer,
     apply_states,
@@ -122,6 +124,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cannot_start(index: int, problems: list[str]) -> NoReturn:
+    """Exit 1 naming every problem (the supervisor logs the exit and backs off)."""
+    for problem in problems:
+        print(f"l4lb worker {index}: {problem}", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     ports = {}
@@ -130,12 +139,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ports[name] = int(port)
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)  # out of the terminal's group: Ctrl-C goes to the supervisor
+    # The supervisor checked these files at its start; they may have changed
+    # since (a worker restarted later reads them again), so check as tap does.
     try:
         config = load_config(args.config)
+        check_backend_tls(config)
     except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        raise SystemExit(1) from None
+        _cannot_start(args.index, [str(p) for p in e.problems])
+    errors, _ = check_certificates(config)
+    if errors:
+        _cannot_start(args.index, [str(p) for p in errors])
     level = config.global_.log_level
     configure_logging(config.global_.log_format, level)
     index = args.index

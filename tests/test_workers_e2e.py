@@ -517,6 +517,54 @@ class TestSecondSignal:
         assert {e["worker"] for e in warnings} == {0, 1}
 
 
+def tls_config(tmp_path: Path, backends: list[Backend]) -> tuple[str, Any]:
+    from tests.tls_material import TLSMaterial
+
+    pki = TLSMaterial(tmp_path / "pki")
+    live = pki.write(pki.server("first", "db.example.com"), "live")
+    assert live.cert_path is not None and live.key_path is not None
+    text = config(backends) + (
+        "[frontend.f.tls]\n"
+        f'certificates = [{{ cert = "{live.cert_path}", key = "{live.key_path}" }}]\n'
+    )
+    return text, (pki, live)
+
+
+class TestBackoff:
+    def test_worker_that_cannot_start_backs_off_then_recovers(
+        self,
+        tmp_path: Path,
+        run: Callable[..., Workers],
+        backends: Callable[[int], list[Backend]],
+    ) -> None:
+        """A restarted worker that fails at start is retried with growing delays; the other serves."""
+        text, (pki, live) = tls_config(tmp_path, backends(1))
+        lb = run(text)
+        address = lb.address()
+        good_key = live.key_path.read_bytes()
+        live.key_path.write_text("not a key\n")
+        os.kill(lb.pids()[0], signal.SIGKILL)
+        wait_until(lambda: len(lb.events("restarting")) >= 3, 30, "three restarts")
+        exits = [e for e in lb.events("worker exited") if e["index"] == 0]
+        assert exits[0]["signal"] == "SIGKILL"
+        assert [e["exit_code"] for e in exits[1:3]] == [1, 1]
+        delays = [e["delay"] for e in lb.events("restarting")][:3]
+        assert delays == [0.0, 0.5, 1.0]
+        assert "frontend.f.tls.certificates[0].key" in lb.stderr()
+        # Worker 1 still serves meanwhile.
+        context = ssl.create_default_context(cafile=str(pki.ca.cert_path))
+        for _ in range(5):
+            raw = socket.create_connection(address, timeout=10)
+            with context.wrap_socket(raw, server_hostname="db.example.com") as tls:
+                tls.sendall(b"ok")
+                assert tls.recv(2) == b"ok"
+        live.key_path.write_bytes(good_key)
+        wait_until(
+            lambda: len(lb.worker_lines("listening", 0)) == 2, 30, "worker 0 back"
+        )
+        assert lb.alive()
+
+
 class TestTLS:
     def test_tls_frontend_and_certificate_reload_in_every_worker(
         self,
