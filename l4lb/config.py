@@ -28,6 +28,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -107,6 +108,7 @@ class GlobalConfig:
     # Zero-copy splicing of plain TCP (Linux os.splice); off or unsupported
     # falls back to copying through Python.
     splice: bool = True
+    workers: int = 1  # processes serving clients; "auto" is resolved when parsed
 
 
 @attrs.frozen
@@ -1076,6 +1078,14 @@ def _finish_root(
                 )
                 break
         bound.append((frontend, bind))
+        workers = getattr(values["global_"], "workers", 1)
+        if workers > 1 and bind[0] != "tcp":
+            ctx.report(
+                _join(where, "listen"),
+                f"{_quote(frontend.listen)} cannot be shared by {workers} workers"
+                " (only TCP listeners can use SO_REUSEPORT); use an ip:port"
+                " address or set [global] workers = 1",
+            )
     for pool in values["pools"]:
         tls = pool.tls
         if tls is None or tls.server_name or not tls.verify:
@@ -1103,6 +1113,15 @@ def _finish_pool_tls(
     return True
 
 
+def _workers(value: object) -> int:
+    """``workers``: an integer >= 1, or "auto" for the number of CPUs."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        raise ValueError(f'expected an integer >= 1 or "auto", got {_quote(value)}')
+    return _integer(1, 1024)(value)
+
+
 _GLOBAL = _Section(
     GlobalConfig,
     {
@@ -1111,6 +1130,7 @@ _GLOBAL = _Section(
         "log_format": _Key(_Scalar(_choice(LOG_FORMATS))),
         "log_level": _Key(_Scalar(_choice(LOG_LEVELS))),
         "splice": _Key(_Scalar(_boolean)),
+        "workers": _Key(_Scalar(_workers)),
     },
 )
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         IListeningPort,
         IProtocolFactory,
         IReactorTime,
+        IStreamServerEndpoint,
     )
 
     from l4lb.config import FrontendConfig
@@ -241,9 +242,17 @@ class ListenError(Exception):
 class FrontendService(Service):
     """Listens for one frontend; the parent orders stop (listen → drain → close)."""
 
-    def __init__(self, frontend: Frontend, reactor: object) -> None:
+    def __init__(
+        self,
+        frontend: Frontend,
+        reactor: object,
+        server_endpoint: Callable[[FrontendConfig], IStreamServerEndpoint]
+        | None = None,
+    ) -> None:
         self.frontend = frontend
         self.reactor = reactor
+        # None: the endpoint string; worker processes share SO_REUSEPORT sockets.
+        self.server_endpoint = server_endpoint
         self.setName(f"frontend.{frontend.name}")
 
     def privilegedStartService(self) -> None:
@@ -252,7 +261,10 @@ class FrontendService(Service):
         process."""
         super().privilegedStartService()
         config = self.frontend.config
-        endpoint = serverFromString(self.reactor, config.endpoint)
+        if self.server_endpoint is not None:
+            endpoint = self.server_endpoint(config)
+        else:
+            endpoint = serverFromString(self.reactor, config.endpoint)
         listening = endpoint.listen(self.frontend.listening_factory())
         failures: list[BaseException] = []
         listening.addCallbacks(

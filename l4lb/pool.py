@@ -90,6 +90,8 @@ class Pool:
         self._queue: deque[_Waiter] = deque()
         # Health checking's passive observation: told of every failed connect.
         self.on_connect_failed: Callable[[ServerState, str], None] | None = None
+        # Told after every `changed` (the worker supervisor forwards health state).
+        self.on_changed: Callable[[Pool], None] | None = None
 
     def server(self, name: str) -> ServerState:
         for s in self.servers:
@@ -189,6 +191,8 @@ class Pool:
     def changed(self) -> None:
         """Usability or weights changed (health, admin): waiting clients may now fit."""
         self._dispatch()
+        if self.on_changed is not None:
+            self.on_changed(self)
 
     def _pick(
         self, candidates: list[ServerState], client: str, avoid: Collection[ServerState]

@@ -38,9 +38,12 @@ from l4lb.tls.passthrough import SniRouter
 from l4lb.tls.termination import ServerTLS
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IStreamClientEndpoint
+    from twisted.internet.interfaces import (
+        IStreamClientEndpoint,
+        IStreamServerEndpoint,
+    )
 
-    from l4lb.config import Config, ServerAddress
+    from l4lb.config import Config, FrontendConfig, ServerAddress
 
 log = structlog.get_logger("l4lb.service")
 
@@ -114,7 +117,13 @@ class L4LBService(MultiService):
         reactor: Any,
         endpoint_for: EndpointForServer | None = None,
         log_observer: Any = None,
+        server_endpoint: Callable[[FrontendConfig], IStreamServerEndpoint]
+        | None = None,
+        probes: bool = True,
     ) -> None:
+        """``server_endpoint`` and ``probes=False`` are for worker processes
+        (`l4lb.worker`): they listen on shared sockets and follow the
+        supervisor's health view instead of probing."""
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -154,12 +163,12 @@ class L4LBService(MultiService):
                 frontend.router = SniRouter(fe, self.pools, default, reactor)
             frontend.splice = config.global_.splice
             self.frontends[fe.name] = frontend
-            FrontendService(frontend, reactor).setServiceParent(self)
+            FrontendService(frontend, reactor, server_endpoint).setServiceParent(self)
         # Health probes: children added after the frontends, stopped after the drain.
         self.monitors: dict[str, PoolMonitor] = {}
         for name, pool in self.pools.items():
             health = pool.config.health
-            if health is not None:
+            if health is not None and probes:
                 check_endpoint = self.check_endpoint_for(health.port)
                 monitor = PoolMonitor(pool, health, reactor, check_endpoint)
                 self.monitors[name] = monitor

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import structlog
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 from l4lb.config import Config, ConfigError, Problem, load_config, parse_config
@@ -72,7 +74,7 @@ def _foreground(options: usage.Options) -> bool:
     return parent is None or bool(parent.get("nodaemon"))
 
 
-def makeService(options: Options, reactor: Any = None) -> L4LBService:
+def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build the service tree from parsed options (``reactor`` is injectable for tests)."""
     if reactor is None:
         from twisted.internet import reactor
@@ -89,9 +91,18 @@ def makeService(options: Options, reactor: Any = None) -> L4LBService:
         structlog.get_logger("l4lb.tls").warning(
             "certificate expires soon", key=problem.key, error=problem.message
         )
-    service = L4LBService(
-        config, reactor, log_observer=TwistedBridge(level) if foreground else None
-    )
+    observer = TwistedBridge(level) if foreground else None
+    if config.global_.workers > 1 and demo is None:
+        from l4lb.supervisor import Supervisor
+
+        path = os.path.abspath(options["config"])  # twistd -d may chdir to /
+        supervisor = Supervisor(
+            config, path, reactor, foreground=foreground, log_observer=observer
+        )
+        if getattr(options, "parent", None) is not None:
+            supervisor.install_signals()
+        return supervisor
+    service = L4LBService(config, reactor, log_observer=observer)
     if getattr(options, "parent", None) is not None:  # under twistd, not in tests
         service.install_second_signal()
         service.install_reload_signal()

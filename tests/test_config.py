@@ -217,7 +217,7 @@ class TestExampleFile:
                 default = config._default(section.cls, spec.attr or key)
                 assert spec.reader.convert(value) == default, key
                 checked += 1
-        assert checked == 30
+        assert checked == 31
 
 
 class TestDefaults:
