@@ -146,12 +146,30 @@ class TestRedis:
             a - b - 1 for a, b in zip(connections_received(ports), before, strict=True)
         ]
         assert all(n > 0 for n in per_server), per_server
-        sessions = sum(per_server)
-        bench_lines = lb.wait_for_closed(sessions, timeout=30)
-        assert {line["retries"] for line in bench_lines} == {0}
-        assert Counter(line["server"] for line in bench_lines) == {
-            f"redis-{i}": n for i, n in enumerate(per_server)
-        }
+        # Every backend connection is a session or a retried attempt: on a
+        # machine loaded enough that a connect times out after the server
+        # accepted it, that server counts a connection the session gave up.
+        wait_until(
+            lambda: (
+                sum(1 + line["retries"] for line in lb.closed_lines())
+                >= sum(per_server)
+            ),
+            30,
+            f"sessions and retries for {sum(per_server)} backend connections"
+            f" (seen: {len(lb.closed_lines())} closed lines,"
+            f" {len(lb.events('server connect failed'))} failed connects)",
+        )
+        bench_lines = lb.closed_lines()
+        sessions = len(bench_lines)
+        if all(line["retries"] == 0 for line in bench_lines):
+            assert sessions == sum(per_server)
+            assert Counter(line["server"] for line in bench_lines) == {
+                f"redis-{i}": n for i, n in enumerate(per_server)
+            }
+        else:  # only a loaded machine's connect timeouts may cause retries
+            failed = lb.events("server connect failed")
+            assert failed, bench_lines
+            assert all(e["error"].startswith("timed out") for e in failed), failed
 
         clients = [redis_client(port) for _ in range(30)]
         try:
