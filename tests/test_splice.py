@@ -253,7 +253,7 @@ class TestCopyFirst:
         for _ in range(3):
             before = client.received
             client.send(b"ping")
-            await lab.until(lambda: client.received == before + 4, what="echo")
+            await lab.until(lambda b=before: client.received == b + 4, what="echo")
         assert pipes.lent == 0
         assert splicer.up.copying and splicer.down.copying
         bulk = 4 * MiB
