@@ -264,9 +264,6 @@ class Direction:
 
     # -- the hook: the source transport's doRead / doWrite --------------------
 
-    def on_read(self) -> Exception | None:
-        return self.do_read()
-
     def on_write(self) -> Exception | None:
         """The source transport is writable: that is the opposite direction's dst."""
         return self.other.do_write()
@@ -278,7 +275,41 @@ class Direction:
             src.stopReading()  # defensive: nothing may be read before dst takes it
             return None
         if self.copying:
-            return self._copy_small()
+            # Inlined (not a call to _count and a helper): this runs once per
+            # request and per response on kept-alive connections.
+            try:
+                n = src.socket.recv_into(_COPY_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if n == 0:
+                return main.CONNECTION_DONE  # nothing is in flight: pass the FIN on
+            session = self.session
+            if self.from_client:
+                session.bytes_from_client += n
+            else:
+                session.bytes_from_server += n
+            session.last_activity = session.clock.seconds()
+            if n == COPY_CHUNK:
+                self.copying = False  # bulk: the kernel moves the rest
+            try:
+                sent = dst.socket.send(_COPY_VIEW[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.broken = True  # dst's doWrite turns this into its connectionLost
+                self._waiting = True
+                src.stopReading()
+                dst.startWriting()
+                return None
+            if sent < n:
+                # dst is slow: Twisted buffers the rest (at most COPY_CHUNK) and
+                # our do_write lets it flush; src is not read until it has.
+                dst.write(bytes(_COPY_VIEW[sent:n]))
+                self._waiting = True
+                src.stopReading()
+            return None
         pipe = self.pipe
         if pipe is None:
             try:
@@ -311,6 +342,9 @@ class Direction:
             dst.startWriting()
         return None
 
+    # The hook calls on_read for every readable event: no extra frame.
+    on_read = do_read
+
     def _count(self, n: int) -> None:
         session = self.session
         if self.from_client:
@@ -336,37 +370,6 @@ class Direction:
         self.pending -= moved
         if self.pending == 0:
             self._release()
-
-    def _copy_small(self) -> Exception | None:
-        """Copy one read through Python and send it on at once (see COPY_CHUNK)."""
-        try:
-            n = self.src.socket.recv_into(_COPY_BUFFER)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if n == 0:
-            return main.CONNECTION_DONE  # nothing is in flight: pass the FIN on
-        self._count(n)
-        if n == COPY_CHUNK:
-            self.copying = False  # bulk: the kernel moves the rest
-        try:
-            sent = self.dst.socket.send(_COPY_VIEW[:n])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.broken = True  # dst's doWrite turns this into its connectionLost
-            self._waiting = True
-            self.src.stopReading()
-            self.dst.startWriting()
-            return None
-        if sent < n:
-            # dst is slow: Twisted buffers the rest (at most COPY_CHUNK) and our
-            # do_write lets it flush; src is not read until it has.
-            self.dst.write(bytes(_COPY_VIEW[sent:n]))
-            self._waiting = True
-            self.src.stopReading()
-        return None
 
     def _copy(self) -> Exception | None:
         """No pipe to be had: move one chunk through Python instead."""
