@@ -13,16 +13,18 @@ the transport at the real protocol, connects it and fires the Deferred.
 Twisted's transports look up ``transport.protocol`` at each event, so from
 then on the reactor talks to the real protocol directly.
 
-Written here rather than taken from Twisted because no public Twisted API
+It also starts ``connect(2)`` at once instead of one event-loop pass later
+(`_Client`). Written here rather than taken from Twisted because no public Twisted API
 hands a connected protocol to a Deferred without the wrapper; the code is
 ``endpoints._WrappingFactory`` minus the wrapper's lifetime.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -52,14 +55,54 @@ class DirectTCPEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         factory = _Connecting(protocolFactory)
+        reactor = self._reactor
         try:
-            self._reactor.connectTCP(self._host, self._port, factory, timeout=None)
+            if not isinstance(reactor, PosixReactorBase):  # e.g. a test's fake
+                reactor.connectTCP(self._host, self._port, factory, timeout=None)
+                return factory.deferred
+            # As reactor.connectTCP, with a transport that waits for `start`.
+            connector = _Connector(self._host, self._port, factory, None, None, reactor)
+            connector.connect()
+            transport = connector.transport
+            start = getattr(transport, "_start", None)
+            if start is not None:
+                transport._start = None  # type: ignore[union-attr]
+                start()  # connect(2) now; see _Client
         except BaseException:
             return fail()
         return factory.deferred
 
     def __repr__(self) -> str:
         return f"<DirectTCPEndpoint {self._host}:{self._port}>"
+
+
+class _Client(tcp.Client):
+    """Twisted's TCP client transport, minus one event-loop pass per connect.
+
+    ``tcp.Client`` schedules the ``connect(2)`` call with ``callLater(0)``: a
+    timer pushed on the reactor's heap and one more pass through the event
+    loop before the backend connection even starts. For an IP literal nothing
+    needs to wait, so the call is kept in ``_start`` and made by
+    `DirectTCPEndpoint.connect` once the connector is set up, which is where
+    the timer would have fired from. The failure path (no socket) is
+    Twisted's. This overrides a private method of ``tcp.Client``
+    (``_finishInit``, unchanged since Twisted 12); ``tests/test_connector.py``
+    fails if it stops being called.
+    """
+
+    _start: Callable[[], None] | None = None
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if whenDone:
+            self._commonConnection.__init__(self, skt, None, reactor)
+            self._start = whenDone
+        else:
+            super()._finishInit(whenDone, skt, error, reactor)
+
+
+class _Connector(tcp.Connector):
+    def _makeTransport(self) -> _Client:
+        return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 class _Connecting(ClientFactory):

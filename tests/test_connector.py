@@ -57,14 +57,18 @@ class _NoneFactory(Factory):
 class TestDirectTCPEndpoint:
     @pytest_twisted.ensureDeferred
     async def test_connects_and_steps_aside(self) -> None:
-        """The Deferred fires with the real protocol, which the transport then
-        talks to directly: data and a half-close reach it, nothing in between."""
+        """connect(2) starts at once; the Deferred fires with the real protocol,
+        which the transport then talks to directly (data, half-close)."""
         server_factory = Factory.forProtocol(_SendThenHalfClose)
         port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
         try:
             recorder = _Recorder()
             endpoint = DirectTCPEndpoint(reactor, "127.0.0.1", port.getHost().port)
-            connected = await endpoint.connect(Factory.forProtocol(lambda: recorder))
+            timers = len(reactor.getDelayedCalls())
+            connecting = endpoint.connect(Factory.forProtocol(lambda: recorder))
+            # connect(2) has started: no callLater(0) left to start it.
+            assert len(reactor.getDelayedCalls()) == timers
+            connected = await connecting
             assert connected is recorder
             assert recorder.transport.protocol is recorder  # type: ignore[attr-defined]
             await recorder.lost
