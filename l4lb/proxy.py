@@ -44,6 +44,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l4lb import logs
 from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
@@ -646,6 +647,12 @@ class Session:
         if self._timer is not None:
             timer, self._timer = self._timer, None
             timer.cancel()
+        if logs.enabled():
+            self._log_closed()
+        # Last: this may complete a graceful stop, whose summary must come after.
+        self.frontend.session_finished(self)
+
+    def _log_closed(self) -> None:
         fields = {
             "frontend": self.frontend.name,
             "pool": self.pool.name if self.pool is not None else None,
@@ -664,8 +671,6 @@ class Session:
             fields["detail"] = self.detail
         fields.update(self.log_fields)
         log.info("connection closed", **fields)
-        # Last: this may complete a graceful stop, whose summary must come after.
-        self.frontend.session_finished(self)
 
 
 class DepartureWatch:

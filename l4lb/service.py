@@ -20,14 +20,13 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from l4lb.connector import DirectTCPEndpoint
 from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.health.monitor import HealthService, PoolMonitor
 from l4lb.pool import Pool, ServerState
@@ -59,14 +58,13 @@ def client_endpoint(reactor: Any, address: ServerAddress) -> IStreamClientEndpoi
         return UNIXClientEndpoint(reactor, address.unix_path, timeout=3600)
     assert address.host is not None and address.port is not None
     try:
-        ip = ip_address(address.host)
+        ip_address(address.host)
     except ValueError:
         return HostnameEndpoint(reactor, address.host, address.port, timeout=3600)
-    # timeout=None: no connector timer per connection; the session's one timer
-    # enforces connect_timeout.
-    if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=None)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=None)
+    # No connector timer per connection: the session's one timer enforces
+    # connect_timeout.
+    # No wrapper protocol left between transport and protocol (l4lb.connector).
+    return DirectTCPEndpoint(reactor, address.host, address.port)
 
 
 # Descriptors besides two per proxied connection: listeners, probes, logs, Twisted's own.

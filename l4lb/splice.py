@@ -58,6 +58,19 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
 
+# Small chunks are copied, not spliced: ``recv`` + ``send`` is two system
+# calls where socket -> pipe -> socket is two plus a pipe borrowed and given
+# back, and request/response traffic moves a few hundred bytes at a time. A
+# read that fills the whole copy buffer means bulk traffic: the direction
+# switches to splicing, and goes back to copying after a splice that moved
+# less than SMALL.
+COPY_CHUNK = 1 << 16
+SMALL = 1 << 14
+# One buffer for the process (one reactor thread): each copy is sent on, or
+# what the destination did not take is handed to Twisted, before it returns.
+_COPY_BUFFER = bytearray(COPY_CHUNK)
+_COPY_VIEW = memoryview(_COPY_BUFFER)
+
 _supported: bool | None = None
 
 
@@ -217,6 +230,7 @@ class Direction:
     __slots__ = (
         "_waiting",
         "broken",
+        "copying",
         "dst",
         "dst_fd",
         "from_client",
@@ -243,14 +257,12 @@ class Direction:
         self.pending = 0  # bytes in the pipe
         self.broken = False  # sending to dst failed; its doWrite reports the loss
         self._waiting = False  # src stopped by us until dst has taken everything
+        self.copying = True  # small chunks through Python until a bulk read
         self.other: Direction = self  # the opposite direction, set by Splicer
 
     # -- the source is readable ------------------------------------------------
 
     # -- the hook: the source transport's doRead / doWrite --------------------
-
-    def on_read(self) -> Exception | None:
-        return self.do_read()
 
     def on_write(self) -> Exception | None:
         """The source transport is writable: that is the opposite direction's dst."""
@@ -261,6 +273,42 @@ class Direction:
         src, dst = self.src, self.dst
         if self._waiting or not dst.connected or dst.disconnected:
             src.stopReading()  # defensive: nothing may be read before dst takes it
+            return None
+        if self.copying:
+            # Inlined (not a call to _count and a helper): this runs once per
+            # request and per response on kept-alive connections.
+            try:
+                n = src.socket.recv_into(_COPY_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if n == 0:
+                return main.CONNECTION_DONE  # nothing is in flight: pass the FIN on
+            session = self.session
+            if self.from_client:
+                session.bytes_from_client += n
+            else:
+                session.bytes_from_server += n
+            session.last_activity = session.clock.seconds()
+            if n == COPY_CHUNK:
+                self.copying = False  # bulk: the kernel moves the rest
+            try:
+                sent = dst.socket.send(_COPY_VIEW[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.broken = True  # dst's doWrite turns this into its connectionLost
+                self._waiting = True
+                src.stopReading()
+                dst.startWriting()
+                return None
+            if sent < n:
+                # dst is slow: Twisted buffers the rest (at most COPY_CHUNK) and
+                # our do_write lets it flush; src is not read until it has.
+                dst.write(bytes(_COPY_VIEW[sent:n]))
+                self._waiting = True
+                src.stopReading()
             return None
         pipe = self.pipe
         if pipe is None:
@@ -283,6 +331,8 @@ class Direction:
                 return main.CONNECTION_DONE  # → readConnectionLost → half-close
             return None
         self._count(n)
+        if n < SMALL:
+            self.copying = True  # the bulk is over: the next read is copied
         self.pending += n
         self._send()
         if self.pending:
@@ -291,6 +341,9 @@ class Direction:
             src.stopReading()
             dst.startWriting()
         return None
+
+    # The hook calls on_read for every readable event: no extra frame.
+    on_read = do_read
 
     def _count(self, n: int) -> None:
         session = self.session

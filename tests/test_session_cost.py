@@ -7,15 +7,19 @@ that has room.
 
 from __future__ import annotations
 
+import io
 import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
+import structlog
 from twisted.internet import defer, reactor
 
 from l4lb.config import PoolConfig, ServerAddress, ServerConfig
+from l4lb.logs import configure_logging
 from l4lb.pool import Pool
+from l4lb.proxy import Session
 from tests.fakes import Harness
 from tests.loopback import Lab
 
@@ -86,6 +90,33 @@ class TestOneTimerPerSession:
         server_transport.lose()  # the server side finishes; the client lingers
         h.clock.advance(30)
         assert client_transport.disconnected  # aborted 60 s after the first close
+
+
+class TestQuietLogLevel:
+    @pytest.fixture(autouse=True)
+    def _restore_structlog(self) -> Any:
+        yield
+        structlog.reset_defaults()
+
+    @pytest.mark.parametrize("level, built", [("warning", 0), ("info", 1)])
+    def test_closed_line_built_only_when_kept(
+        self, level: str, built: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Below ``info`` the per-connection line is not even built."""
+        configure_logging("json", level, stream=io.StringIO())
+        calls: list[Session] = []
+        original = Session._log_closed
+        monkeypatch.setattr(
+            Session, "_log_closed", lambda s: (calls.append(s), original(s))[1]
+        )
+        h = Harness()
+        _, client_transport, _, server_transport = h.connected_pair()
+        client_transport.peer_sends_eof()
+        server_transport.peer_sends_eof()
+        client_transport.lose()
+        server_transport.lose()
+        assert len(calls) == built
+        assert not h.frontend.sessions  # finished all the same
 
 
 class TestAcquireNow:

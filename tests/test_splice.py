@@ -221,6 +221,54 @@ class TestFastPath:
         assert received == server.source.digest  # type: ignore[union-attr]
 
 
+class _CountingPipes(splice.PipePool):
+    """The process's pool, counting the pipes lent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lent = 0
+
+    def get(self) -> tuple[int, int]:
+        self.lent += 1
+        return super().get()
+
+
+class TestCopyFirst:
+    @pytest_twisted.ensureDeferred
+    async def test_small_chunks_are_copied_bulk_is_spliced(
+        self, lab: Lab, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Request-sized chunks borrow no pipe; bulk switches to splicing, and back."""
+        pipes = _CountingPipes()
+        monkeypatch.setattr(splice, "PIPES", pipes)
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address})
+        client = await lab.connect(lb.port, lab.peer(keep=True))
+        await lab.until(
+            lambda: lb.frontend.sessions and only_session(lb).splicer is not None,
+            what="spliced",
+        )
+        splicer = only_session(lb).splicer
+        assert splicer is not None
+        for _ in range(3):
+            before = client.received
+            client.send(b"ping")
+            await lab.until(lambda b=before: client.received == b + 4, what="echo")
+        assert pipes.lent == 0
+        assert splicer.up.copying and splicer.down.copying
+        bulk = 4 * MiB
+        client.send(b"x" * bulk)
+        await lab.until(lambda: client.received == 12 + bulk, what="bulk echo")
+        assert pipes.lent > 0  # the kernel moved the bulk
+        client.send(b"tick")
+        await lab.until(lambda: client.received == 16 + bulk, what="echo")
+        assert splicer.up.copying and splicer.down.copying  # small again: copied
+        assert bytes(client.data) == b"ping" * 3 + b"x" * bulk + b"tick"  # type: ignore[arg-type]
+        assert pipes.in_use == 0
+        client.transport.loseConnection()
+        await lab.until(lambda: not lb.frontend.sessions, what="session over")
+
+
 class TestNoPipeFallback:
     @pytest_twisted.ensureDeferred
     async def test_copies_when_no_pipe_can_be_made(

@@ -1,0 +1,162 @@
+"""A client endpoint for IP-literal servers that costs less per connection.
+
+Twisted's ``TCP4ClientEndpoint``/``TCP6ClientEndpoint`` wrap every protocol
+in ``endpoints._WrappingProtocol``, which declares the wrapped protocol's
+interfaces on itself with ``directlyProvides`` at each connection, and then
+stays between the transport and the protocol for the connection's life: every
+``dataReceived``, ``readConnectionLost`` and ``connectionLost`` goes through
+one more Python call. `DirectTCPEndpoint` keeps the endpoint contract (a
+``connect(factory)`` Deferred that fires with the connected protocol, fails
+with the connect error, and cancels with ``ConnectingCancelledError``) but its
+`_Handoff` protocol steps aside as soon as the connection is made: it points
+the transport at the real protocol, connects it and fires the Deferred.
+Twisted's transports look up ``transport.protocol`` at each event, so from
+then on the reactor talks to the real protocol directly.
+
+It also starts ``connect(2)`` at once instead of one event-loop pass later
+(`_Client`). Written here rather than taken from Twisted because no public Twisted API
+hands a connected protocol to a Deferred without the wrapper; the code is
+``endpoints._WrappingFactory`` minus the wrapper's lifetime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import error, tcp
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@implementer(IStreamClientEndpoint)
+class DirectTCPEndpoint:
+    """Connects to an IP literal (v4 or v6) with ``reactor.connectTCP``.
+
+    No connector timeout: the caller's own timer enforces ``connect_timeout``.
+    """
+
+    __slots__ = ("_host", "_port", "_reactor")
+
+    def __init__(self, reactor: Any, host: str, port: int) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        factory = _Connecting(protocolFactory)
+        reactor = self._reactor
+        try:
+            if not isinstance(reactor, PosixReactorBase):  # e.g. a test's fake
+                reactor.connectTCP(self._host, self._port, factory, timeout=None)
+                return factory.deferred
+            # As reactor.connectTCP, with a transport that waits for `start`.
+            connector = _Connector(self._host, self._port, factory, None, None, reactor)
+            connector.connect()
+            transport = connector.transport
+            start = getattr(transport, "_start", None)
+            if start is not None:
+                transport._start = None  # type: ignore[union-attr]
+                start()  # connect(2) now; see _Client
+        except BaseException:
+            return fail()
+        return factory.deferred
+
+    def __repr__(self) -> str:
+        return f"<DirectTCPEndpoint {self._host}:{self._port}>"
+
+
+class _Client(tcp.Client):
+    """Twisted's TCP client transport, minus one event-loop pass per connect.
+
+    ``tcp.Client`` schedules the ``connect(2)`` call with ``callLater(0)``: a
+    timer pushed on the reactor's heap and one more pass through the event
+    loop before the backend connection even starts. For an IP literal nothing
+    needs to wait, so the call is kept in ``_start`` and made by
+    `DirectTCPEndpoint.connect` once the connector is set up, which is where
+    the timer would have fired from. The failure path (no socket) is
+    Twisted's. This overrides a private method of ``tcp.Client``
+    (``_finishInit``, unchanged since Twisted 12); ``tests/test_connector.py``
+    fails if it stops being called.
+    """
+
+    _start: Callable[[], None] | None = None
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if whenDone:
+            self._commonConnection.__init__(self, skt, None, reactor)
+            self._start = whenDone
+        else:
+            super()._finishInit(whenDone, skt, error, reactor)
+
+
+class _Connector(tcp.Connector):
+    def _makeTransport(self) -> _Client:
+        return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _Connecting(ClientFactory):
+    """One connect attempt: builds the protocol and fires ``deferred``."""
+
+    noisy = False  # no "Starting factory" line per connection
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self._wrapped = wrapped
+        self._connector: IConnector | None = None
+        self.deferred: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self._connector = connector
+
+    def _cancel(self, deferred: Deferred[IProtocol]) -> None:
+        connector = self._connector
+        assert connector is not None  # connectTCP runs before connect() returns
+        deferred.errback(error.ConnectingCancelledError(connector.getDestination()))
+        connector.stopConnecting()
+
+    def doStart(self) -> None:
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        try:
+            protocol = self._wrapped.buildProtocol(addr)
+            if protocol is None:
+                raise error.NoProtocol()
+        except BaseException:
+            self.deferred.errback()
+            return None
+        return _Handoff(protocol, self.deferred)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+class _Handoff(Protocol):
+    """Stands in for the real protocol until the connection is made, then steps aside."""
+
+    def __init__(self, protocol: IProtocol, deferred: Deferred[IProtocol]) -> None:
+        self._protocol = protocol
+        self._deferred = deferred
+
+    def logPrefix(self) -> str:
+        return self._protocol.__class__.__name__
+
+    def makeConnection(self, transport: Any) -> None:
+        protocol = self._protocol
+        transport.protocol = protocol  # the transport's events now go straight there
+        protocol.makeConnection(transport)
+        self._deferred.callback(protocol)
