@@ -38,7 +38,6 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -53,6 +52,7 @@ from l4lb.tls.certificates import (
     load_certificate,
     select_certificate,
 )
+from l4lb.tls.fastbio import TerminatingTLSFactory
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
@@ -207,11 +207,9 @@ class ServerTLS:
         connection.set_app_data(tlsProtocol)
         return connection
 
-    def wrap(self, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+    def wrap(self, factory: IProtocolFactory) -> TerminatingTLSFactory:
         """``factory`` behind TLS, for a listener that speaks TLS from the first byte."""
-        wrapped = TLSMemoryBIOFactory(self, False, factory)
-        wrapped.noisy = False
-        return wrapped
+        return TerminatingTLSFactory(self, False, factory)
 
     def reload(self) -> bool:
         """Re-read the files; on any problem keep the old ones and log why."""

@@ -1,0 +1,140 @@
+"""A leaner `TLSMemoryBIOProtocol` for terminating TLS frontends.
+
+Twisted's TLS protocol is correct but does avoidable work on each connection
+and each chunk, which a profile of ``python -m bench --only
+tls-handshakes,tls-bulk`` showed (see "TLS performance" in ``docs/tls.md``):
+
+- ``makeConnection`` calls zope's ``directlyProvides`` once per interface of
+  the transport and once more for all of them. Its weak cache of ``Provides``
+  objects empties whenever no connection holds one, so on a stream of short
+  connections each accept recomputes interface resolution orders. We keep the
+  one ``Provides`` object per transport spec and assign it.
+- The default protocol, ``BufferingTLSTransport``, copies every write and
+  schedules a ``callLater(0)`` to coalesce small writes. A proxy writes whole
+  socket reads (up to 64 KiB), so that buys nothing here and costs a timer per
+  chunk. Writes go straight to OpenSSL instead.
+- ``_write`` slices application data into 16 KiB pieces and flushes the
+  memory BIO after each; one ``SSL_write`` into the memory BIO makes all the
+  records, and one flush hands them to the socket in one ``write``.
+- ``_flushReceiveBIO`` hands each decrypted record (at most 16 KiB) to the
+  application separately, so one 64 KiB socket read became four backend
+  writes; we hand the application one joined chunk per socket read.
+- TLS client sockets are read in larger pieces (`READ_SIZE`), so bulk uploads
+  take fewer reactor turns, reads, and backend writes per byte.
+
+Everything else (handshake, shutdown, producers, errors) is Twisted's code,
+and all of the TLS tests run through this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+__all__ = ["READ_SIZE", "TerminatingTLSFactory", "TerminatingTLSProtocol"]
+
+# Socket read size of a TLS client connection (Twisted's default is 64 KiB).
+READ_SIZE = 256 * 1024
+
+# Largest plaintext of one TLS record, the most one SSL_read returns.
+_RECORD = 16 * 1024
+
+# Memory BIO read size: a full flight of records in one piece.
+_BIO_READ = 256 * 1024
+
+# Transport spec → the Provides declaration `directlyProvides` would build.
+_PROVIDES: dict[Any, Any] = {}
+
+
+class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS protocol with cheaper connection setup, writes and reads."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        spec = providedBy(transport)
+        provides = _PROVIDES.get(spec)
+        if provides is None:
+            directlyProvides(self, spec)
+            _PROVIDES[spec] = self.__provides__  # type: ignore[attr-defined]
+        else:
+            self.__provides__ = provides
+        if isinstance(transport, tcp.Connection):
+            transport.bufferSize = READ_SIZE
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
+
+    def _flushSendBIO(self) -> None:
+        """Everything OpenSSL has queued for the peer, in one transport write."""
+        read = self._tlsConnection.bio_read
+        try:
+            data = read(_BIO_READ)
+        except WantReadError:
+            return  # nothing queued
+        while len(data) == _BIO_READ:  # more than one read's worth: rare
+            try:
+                data += read(_BIO_READ)
+            except WantReadError:
+                break
+        self.transport.write(data)
+
+    def _flushReceiveBIO(self) -> None:
+        """Decrypt what has arrived; deliver it to the application in one call."""
+        chunks: list[bytes] = []
+        recv = self._tlsConnection.recv
+        while not self._lostTLSConnection:
+            try:
+                chunks.append(recv(_RECORD))
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                # close_notify: what came before it is delivered first.
+                self._deliver(chunks)
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._deliver(chunks)
+                self._tlsShutdownFinished(Failure())
+        self._deliver(chunks)
+        # Bytes received may call for an answer (alerts, key updates).
+        self._flushSendBIO()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            if not self._aborted:
+                self.wrappedProtocol.dataReceived(data)
+
+    def _write(self, bytes: bytes) -> None:
+        """One SSL_write into the memory BIO makes every record; flush once."""
+        if self._lostTLSConnection:
+            return
+        view = memoryview(bytes)
+        while view:
+            try:
+                sent = self._tlsConnection.send(view)
+            except WantReadError:
+                self._bufferedWrite(view.tobytes())
+                break
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                break
+            view = view[sent:]
+        self._flushSendBIO()
+
+
+class TerminatingTLSFactory(TLSMemoryBIOFactory):
+    """`TLSMemoryBIOFactory` building `TerminatingTLSProtocol` (server side)."""
+
+    protocol = TerminatingTLSProtocol
+    noisy = False
