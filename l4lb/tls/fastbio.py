@@ -21,6 +21,12 @@ tls-handshakes,tls-bulk`` showed (see "TLS performance" in ``docs/tls.md``):
   writes; we hand the application one joined chunk per socket read.
 - TLS client sockets are read in larger pieces (`READ_SIZE`), so bulk uploads
   take fewer reactor turns, reads, and backend writes per byte.
+- Latency of the handshake: a TCP transport's ``write`` only buffers and
+  waits for the next reactor turn (two ``epoll_ctl`` calls and an
+  ``epoll_wait``) to send. When nothing is buffered we send at once, as
+  HAProxy does, and buffer only what the socket did not take. And the
+  ClientHello has usually arrived by the time an accepted connection is set
+  up, so it is read at once instead of on the next reactor turn.
 
 Everything else (handshake, shutdown, producers, errors) is Twisted's code,
 and all of the TLS tests run through this class.
@@ -28,6 +34,7 @@ and all of the TLS tests run through this class.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
@@ -55,6 +62,8 @@ _PROVIDES: dict[Any, Any] = {}
 class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
     """Twisted's TLS protocol with cheaper connection setup, writes and reads."""
 
+    _tcp = False  # over a Twisted TCP transport: direct socket reads and writes
+
     def makeConnection(self, transport: Any) -> None:
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
@@ -65,13 +74,50 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
             _PROVIDES[spec] = self.__provides__  # type: ignore[attr-defined]
         else:
             self.__provides__ = provides
-        if isinstance(transport, tcp.Connection):
+        self._tcp = isinstance(transport, tcp.Connection)
+        if self._tcp:
             transport.bufferSize = READ_SIZE
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
+        if self._tcp and not self._handshakeDone and not self.disconnecting:
+            self._read_now()
+
+    def _read_now(self) -> None:
+        """Read what the client has sent already (its ClientHello), if anything.
+
+        Errors and end of stream are left where they are: the reactor finds
+        them on its next turn and closes the connection as usual.
+        """
+        transport: Any = self.transport
+        try:
+            data = transport.socket.recv(transport.bufferSize, socket.MSG_DONTWAIT)
+        except OSError:
+            return  # nothing yet (EAGAIN), or an error the next read reports
+        if data:
+            self.dataReceived(data)
+        # b"": the peer closed; the end of stream stays for the reactor.
+
+    def _send(self, data: bytes) -> None:
+        """Write to the socket now if nothing is buffered; buffer the rest."""
+        transport: Any = self.transport
+        if (
+            self._tcp
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+            and transport.connected
+            and not transport._writeDisconnected
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # full (EAGAIN), or an error the reactor will report
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def _flushSendBIO(self) -> None:
         """Everything OpenSSL has queued for the peer, in one transport write."""
@@ -85,7 +131,7 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
                 data += read(_BIO_READ)
             except WantReadError:
                 break
-        self.transport.write(data)
+        self._send(data)
 
     def _flushReceiveBIO(self) -> None:
         """Decrypt what has arrived; deliver it to the application in one call."""
