@@ -133,7 +133,8 @@ class _Generation:
                 ctx.set_verify(mode)
             if config.alpn:
                 ctx.set_alpn_select_callback(_alpn_selector(config.alpn))
-            ctx.set_tlsext_servername_callback(self._server_name)
+            if len(self.certificates) > 1:  # one certificate: nothing to choose
+                ctx.set_tlsext_servername_callback(self._server_name)
         except SSL.Error as error:
             raise CertificateError(
                 certificate.where, f"OpenSSL refused it: {_ssl_reasons(error)}"
@@ -291,7 +292,8 @@ class TLSClientProtocol(ClientProtocol):
 
     def connectionMade(self) -> None:
         # Not paused: the handshake must be read. Counted at once (caps).
-        _tune(self.transport)
+        if not self.frontend.listener_tuned:  # else inherited from the listener
+            _tune(self.transport)
         self.session = Session(self.frontend, self)
         self.session.start(connect=False)
         timeout = self.frontend.config.tls.handshake_timeout  # type: ignore[union-attr]
