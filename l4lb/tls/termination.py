@@ -38,7 +38,6 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -53,6 +52,7 @@ from l4lb.tls.certificates import (
     load_certificate,
     select_certificate,
 )
+from l4lb.tls.fastbio import TerminatingTLSFactory
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
@@ -133,7 +133,8 @@ class _Generation:
                 ctx.set_verify(mode)
             if config.alpn:
                 ctx.set_alpn_select_callback(_alpn_selector(config.alpn))
-            ctx.set_tlsext_servername_callback(self._server_name)
+            if len(self.certificates) > 1:  # one certificate: nothing to choose
+                ctx.set_tlsext_servername_callback(self._server_name)
         except SSL.Error as error:
             raise CertificateError(
                 certificate.where, f"OpenSSL refused it: {_ssl_reasons(error)}"
@@ -207,11 +208,9 @@ class ServerTLS:
         connection.set_app_data(tlsProtocol)
         return connection
 
-    def wrap(self, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+    def wrap(self, factory: IProtocolFactory) -> TerminatingTLSFactory:
         """``factory`` behind TLS, for a listener that speaks TLS from the first byte."""
-        wrapped = TLSMemoryBIOFactory(self, False, factory)
-        wrapped.noisy = False
-        return wrapped
+        return TerminatingTLSFactory(self, False, factory)
 
     def reload(self) -> bool:
         """Re-read the files; on any problem keep the old ones and log why."""
@@ -293,7 +292,8 @@ class TLSClientProtocol(ClientProtocol):
 
     def connectionMade(self) -> None:
         # Not paused: the handshake must be read. Counted at once (caps).
-        _tune(self.transport)
+        if not self.frontend.listener_tuned:  # else inherited from the listener
+            _tune(self.transport)
         self.session = Session(self.frontend, self)
         self.session.start(connect=False)
         timeout = self.frontend.config.tls.handshake_timeout  # type: ignore[union-attr]
