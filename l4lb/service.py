@@ -31,6 +31,7 @@ from l4lb.frontend import ConnectionCap, Frontend, FrontendService, ListenError
 from l4lb.health.monitor import HealthService, PoolMonitor
 from l4lb.pool import Pool, ServerState
 from l4lb.proxy import EndpointForServer
+from l4lb.signals import on_second_stop_signal
 from l4lb.splice import supported as splice_supported
 from l4lb.tls.backend import BackendTLS
 from l4lb.tls.passthrough import SniRouter
@@ -228,21 +229,7 @@ class L4LBService(MultiService):
         the handler only schedules, it does nothing in signal context.
         """
 
-        def wrap() -> None:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                first = signal.getsignal(signum)
-                if not callable(first):
-                    continue
-
-                def handler(number: int, frame: Any, first: Any = first) -> None:
-                    if self._stopping:
-                        self.reactor.callFromThread(self._close_now, number)
-                    else:
-                        first(number, frame)
-
-                signal.signal(signum, handler)
-
-        self.reactor.addSystemEventTrigger("after", "startup", wrap)
+        on_second_stop_signal(self.reactor, lambda: self._stopping, self._close_now)
 
     def install_reload_signal(self) -> None:
         """SIGHUP re-reads the TLS certificate files (`reload_tls`).

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from l4lb.reuseport import bind_address, reuseport_socket
 from l4lb.service import L4LBService
+from l4lb.signals import on_second_stop_signal
 from l4lb.workerlink import LineBuffer, StateTracker, parse_line
 
 if TYPE_CHECKING:
@@ -321,22 +322,10 @@ class Supervisor(MultiService):
 
         signal.signal(signal.SIGHUP, hup)
 
-        def wrap() -> None:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                first = signal.getsignal(signum)
-                if not callable(first):
-                    continue
+        def again(number: int) -> None:
+            self._pass_on(signal.Signals(number).name.removeprefix("SIG"))
 
-                def handler(number: int, frame: Any, first: Any = first) -> None:
-                    if self._stopping:
-                        name = signal.Signals(number).name.removeprefix("SIG")
-                        self.reactor.callFromThread(self._pass_on, name)
-                    else:
-                        first(number, frame)
-
-                signal.signal(signum, handler)
-
-        self.reactor.addSystemEventTrigger("after", "startup", wrap)
+        on_second_stop_signal(self.reactor, lambda: self._stopping, again)
 
     def _pass_on(self, signame: str) -> None:
         log.info(
