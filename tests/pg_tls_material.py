@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+from tests.tls_material import _authority, _leaf, _name, now
 
 ALPN = [b"postgresql"]
 
@@ -29,83 +29,19 @@ class PgTLSFiles(NamedTuple):
     key: Path  # server private key
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "l4lb tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _pem_key(key: Any) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def make_material(
     directory: Path,
     names: tuple[str, ...] = ("localhost",),
     ips: tuple[str, ...] = ("127.0.0.1", "::1"),
 ) -> PgTLSFiles:
     """Write a CA and a server certificate whose SAN holds ``names`` and ``ips``."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("l4lb test CA"))
-        .issuer_name(_name("l4lb test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.DNSName(n) for n in names] + [
-        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips
-    ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    start = now() - datetime.timedelta(hours=1)
+    end = now() + datetime.timedelta(days=2)
+    ca = _authority(_name("l4lb test CA"), start, end)
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    server = _leaf(
+        ca, _name(names[0]), san, client=False, not_before=start, not_after=end
     )
     directory.mkdir(parents=True, exist_ok=True)
     files = PgTLSFiles(
@@ -113,12 +49,9 @@ def make_material(
         cert=directory / "pg-test-server.pem",
         key=directory / "pg-test-server.key",
     )
-    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + ca_cert.public_bytes(serialization.Encoding.PEM)
-    )
-    files.key.write_bytes(_pem_key(key))
+    files.ca.write_bytes(ca.cert_pem)
+    files.cert.write_bytes(server.cert_pem + ca.cert_pem)  # a chain file
+    files.key.write_bytes(server.key_pem)
     files.key.chmod(0o600)  # libpq-style tools refuse group/world-readable keys
     return files
 
