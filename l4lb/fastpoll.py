@@ -19,6 +19,10 @@ disconnect handler is logged here, as ``callWithLogger`` does, and the loop
 goes on. The cost is that Twisted's own error lines logged during I/O carry
 the system ``-`` instead of the protocol's name.
 
+The same ``install`` gives the reactor leaner ``addReader``/``addWriter``/
+``removeReader``/``removeWriter`` (`_lean_interest`), and makes the loop
+close the transports `l4lb.closing` queued, after each batch of events.
+
 Only the exact ``EPollReactor`` class is changed (not subclasses, not other
 reactors), and only where l4lb runs the reactor itself: ``twistd l4lb`` and
 worker processes, never the test suite's shared reactor.
@@ -32,7 +36,11 @@ from typing import Any
 
 from twisted.python import log
 
+from l4lb import closing
+
 try:
+    from select import EPOLLIN, EPOLLOUT
+
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # not Linux
     EPollReactor = None  # type: ignore[assignment,misc]
@@ -43,13 +51,104 @@ def install(reactor: Any) -> bool:
     if EPollReactor is None or type(reactor) is not EPollReactor:
         return False
     reactor.doIteration = functools.partial(do_poll, reactor)
+    _lean_interest(reactor)
+    closing.loop_drains(reactor)
     return True
 
 
+def _lean_interest(reactor: Any) -> None:
+    """``addReader``/``addWriter``/``removeReader``/``removeWriter`` in fewer calls.
+
+    A new connection changes the reactor's interest in its sockets about 20
+    times, and half of those are no-ops (``connectionLost`` stops reading and
+    writing that already stopped). Twisted's methods first ask the
+    ``_continuousPolling`` fallback (regular files, which epoll refuses),
+    then go through ``_add``/``_remove``: about five Python calls each. These
+    do the same bookkeeping (``_reads``, ``_writes``, ``_selectables``, then
+    the same ``epoll_ctl``) in one, and hand the rare cases (a descriptor
+    epoll refuses, a selectable whose ``fileno()`` is already -1) to
+    Twisted's own methods. Twisted's private attributes used here are
+    checked by ``tests/test_fastpoll.py``.
+    """
+    reads: set[int] = reactor._reads
+    writes: set[int] = reactor._writes
+    selectables: dict[int, Any] = reactor._selectables
+    poller = reactor._poller
+    add_reader, add_writer = reactor.addReader, reactor.addWriter
+    remove_reader, remove_writer = reactor.removeReader, reactor.removeWriter
+    both = EPOLLIN | EPOLLOUT
+
+    def addReader(reader: Any) -> None:
+        fd = reader.fileno()
+        if fd in reads:
+            return
+        if fd in writes:
+            poller.modify(fd, both)
+        else:
+            try:
+                poller.register(fd, EPOLLIN)
+            except OSError:
+                add_reader(reader)  # EPERM: continuous polling; else it raises
+                return
+        reads.add(fd)
+        selectables[fd] = reader
+
+    def addWriter(writer: Any) -> None:
+        fd = writer.fileno()
+        if fd in writes:
+            return
+        if fd in reads:
+            poller.modify(fd, both)
+        else:
+            try:
+                poller.register(fd, EPOLLOUT)
+            except OSError:
+                add_writer(writer)
+                return
+        writes.add(fd)
+        selectables[fd] = writer
+
+    def removeReader(reader: Any) -> None:
+        fd = reader.fileno()
+        if fd in reads:
+            if fd in writes:
+                poller.modify(fd, EPOLLOUT)
+            else:
+                del selectables[fd]
+                poller.unregister(fd)
+            reads.remove(fd)
+        elif fd == -1 or reactor._continuousPolling._readers:
+            remove_reader(reader)
+
+    def removeWriter(writer: Any) -> None:
+        fd = writer.fileno()
+        if fd in writes:
+            if fd in reads:
+                poller.modify(fd, EPOLLIN)
+            else:
+                del selectables[fd]
+                poller.unregister(fd)
+            writes.remove(fd)
+        elif fd == -1 or reactor._continuousPolling._writers:
+            remove_writer(writer)
+
+    reactor.addReader = addReader
+    reactor.addWriter = addWriter
+    reactor.removeReader = removeReader
+    reactor.removeWriter = removeWriter
+
+
 def do_poll(reactor: Any, timeout: float | None) -> None:
-    """``EPollReactor.doPoll`` without ``callWithLogger`` around each event."""
+    """``EPollReactor.doPoll`` without ``callWithLogger`` around each event.
+
+    Closes queued by `l4lb.closing` are made after the batch of events, and
+    before polling (those asked by timers): the poll then does not block.
+    """
     if timeout is None:
         timeout = -1  # wait indefinitely
+    if closing._pending:
+        closing.drain()
+        timeout = 0  # the closes may have scheduled calls for now
     selectables = reactor._selectables
     try:
         events = reactor._poller.poll(timeout, len(selectables))
@@ -68,3 +167,5 @@ def do_poll(reactor: Any, timeout: float | None) -> None:
             raise
         except BaseException:
             log.err(None, f"error handling an event on {selectable!r}")
+    if closing._pending:
+        closing.drain()

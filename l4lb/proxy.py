@@ -44,7 +44,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l4lb import logs
+from l4lb import closing, logs
 from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
@@ -448,7 +448,7 @@ class Session:
         if self._server_eof:
             self._close_both()
         else:
-            self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
+            self._lose_write(self.server.transport)  # type: ignore[union-attr]
             self._schedule()
 
     def server_eof(self) -> None:
@@ -464,7 +464,7 @@ class Session:
             self.client.transport.loseConnection()
             self._linger()
         else:
-            self.client.transport.loseWriteConnection()
+            self._lose_write(self.client.transport)
             self._schedule()
 
     def client_lost(self, reason: Failure | None) -> None:
@@ -489,7 +489,7 @@ class Session:
             self.pool.release(self.server_state)  # type: ignore[union-attr]
         self._unpace_client()
         if not self._client_gone:
-            self.client.transport.loseConnection()
+            self._lose(self.client.transport)
             self._linger()
         self._maybe_finish()
 
@@ -506,21 +506,39 @@ class Session:
             if abort:
                 transport.abortConnection()
             else:
-                transport.loseConnection()
+                self._lose(transport)
         if not abort:
             self._linger()
 
     def _close_server(self) -> None:
         self._unpace_server()
-        self.server.transport.loseConnection()  # type: ignore[union-attr]
+        self._lose(self.server.transport)  # type: ignore[union-attr]
         self._linger()
 
     def _close_both(self) -> None:
         self._unpace_server()
         self._unpace_client()
         for transport in self._live_transports():
-            transport.loseConnection()
+            self._lose(transport)
         self._linger()
+
+    def _in_flight(self, transport: ITransport) -> int:
+        """Bytes a splice pipe still holds for ``transport`` (1 if that direction broke)."""
+        splicer = self.splicer
+        if splicer is None:
+            return 0
+        into = splicer.down if transport is self.client.transport else splicer.up
+        if into.broken:
+            return 1  # its doWrite reports the loss: leave the close to Twisted
+        return into.pending
+
+    def _lose(self, transport: ITransport) -> None:
+        """``loseConnection``; right after this batch of events if nothing is left to send."""
+        closing.lose_connection(transport, self._in_flight(transport))
+
+    def _lose_write(self, transport: ITransport) -> None:
+        """``loseWriteConnection``; at once if nothing is left to send."""
+        closing.lose_write_connection(transport, self._in_flight(transport))
 
     # A transport must not keep a producer registered when it half-closes or
     # closes: on an empty buffer it would resume a paused producer instead of

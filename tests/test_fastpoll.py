@@ -100,3 +100,99 @@ class TestFastPoll:
         assert failures[0]["failure"].check(RuntimeError)
         a2.close()
         b1.close()  # removed from the reactor; ``good`` is closed by the fixture
+
+
+class TestLeanInterest:
+    """`fastpoll.install` also swaps in leaner add/remove reader/writer methods."""
+
+    def test_twisted_private_attributes(self) -> None:
+        """Fails loudly if the epoll reactor's bookkeeping changes."""
+        fresh = epollreactor.EPollReactor()
+        try:
+            assert isinstance(fresh._reads, set) and isinstance(fresh._writes, set)
+            assert isinstance(fresh._selectables, dict)
+            assert hasattr(fresh._poller, "modify")
+            continuous = fresh._continuousPolling
+            assert isinstance(continuous._readers, set)
+            assert isinstance(continuous._writers, set)
+        finally:
+            fresh.waker.connectionLost(None)
+            fresh._poller.close()
+
+    def test_same_bookkeeping_as_twisted(self, reactor: Any) -> None:
+        """Every transition leaves the sets and epoll as Twisted's methods do."""
+        plain = epollreactor.EPollReactor()
+        assert fastpoll.install(reactor)
+        pairs = []
+        try:
+            for r in (plain, reactor):
+                a, b = socket.socketpair()
+                pairs.append((a, b))
+                sel = _Reader(b, r)
+                steps = [
+                    r.addReader,
+                    r.addReader,
+                    r.addWriter,
+                    r.removeReader,
+                    r.removeReader,
+                    r.addReader,
+                    r.removeWriter,
+                    r.removeWriter,
+                    r.removeReader,
+                    r.addWriter,
+                    r.removeWriter,
+                ]
+                states = []
+                for step in steps:
+                    step(sel)
+                    fd = sel.fileno()
+                    states.append(
+                        (fd in r._reads, fd in r._writes, r._selectables.get(fd) is sel)
+                    )
+                if r is plain:
+                    expected = states
+            assert states == expected
+            # And epoll agrees: a writer-only registration reports writability.
+            a, b = pairs[1]
+            sel = _Reader(b, reactor)
+            reactor.addWriter(sel)
+            assert [fd for fd, _ in reactor._poller.poll(0)] == [b.fileno()]
+            reactor.removeWriter(sel)
+            assert reactor._poller.poll(0) == []
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+            plain.waker.connectionLost(None)
+            plain._poller.close()
+
+    def test_regular_file_falls_back_to_continuous_polling(
+        self, reactor: Any, tmp_path: Any
+    ) -> None:
+        """epoll refuses regular files (EPERM): Twisted's methods take over."""
+        assert fastpoll.install(reactor)
+        with open(tmp_path / "f", "w") as f:
+
+            class FileReader(abstract.FileDescriptor):
+                def fileno(self) -> int:
+                    return f.fileno()
+
+            sel = FileReader(reactor)
+            reactor.addReader(sel)
+            assert reactor._continuousPolling.isReading(sel)
+            assert f.fileno() not in reactor._reads
+            reactor.removeReader(sel)
+            assert not reactor._continuousPolling.isReading(sel)
+
+    def test_closed_selectable_is_found_by_identity(self, reactor: Any) -> None:
+        """A selectable whose fileno() is already -1 is removed as Twisted does."""
+        assert fastpoll.install(reactor)
+        a, b = socket.socketpair()
+        sel = _Reader(b, reactor)
+        reactor.addReader(sel)
+        fd = b.fileno()
+        sel.fileno = lambda: -1  # type: ignore[method-assign]
+        reactor.removeReader(sel)
+        assert fd not in reactor._reads and fd not in reactor._selectables
+        a.close()
+        b.close()
