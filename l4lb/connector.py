@@ -72,6 +72,35 @@ class DirectTCPEndpoint:
             return fail()
         return factory.deferred
 
+    def connect_direct(
+        self,
+        protocol: IProtocol,
+        on_connected: Callable[[], None],
+        on_failed: Callable[[BaseException], None],
+    ) -> _Direct | None:
+        """Connect ``protocol`` with callbacks instead of a Deferred; None: not here.
+
+        The session's fast path (`l4lb.proxy.Session`): no Deferred, no
+        factory around the protocol. ``on_connected()`` runs once
+        ``protocol`` is connected (after its ``connectionMade``),
+        ``on_failed(exc)`` with the connect error; either may run before this
+        returns. The handle's ``cancel()`` stops the attempt and calls
+        neither. None when the reactor is not a real one (test fakes): use
+        `connect`.
+        """
+        reactor = self._reactor
+        if not isinstance(reactor, PosixReactorBase):
+            return None
+        direct = _Direct(protocol, on_connected, on_failed)
+        connector = _Connector(self._host, self._port, direct, None, None, reactor)
+        direct.connector = connector
+        connector.connect()
+        start = connector.transport._start  # type: ignore[union-attr]
+        if start is not None:
+            connector.transport._start = None  # type: ignore[union-attr]
+            start()  # connect(2) now; see _Client
+        return direct
+
     def __repr__(self) -> str:
         return f"<DirectTCPEndpoint {self._host}:{self._port}>"
 
@@ -92,12 +121,81 @@ class _Client(tcp.Client):
 
     _start: Callable[[], None] | None = None
 
+    def resolveAddress(self) -> None:
+        """Twisted's, without its Deferred when the address is an IP literal.
+
+        ``tcp.Client`` passes its address through ``defer.succeed`` and two
+        callbacks even when nothing needs resolving; the errback it adds
+        (``failIfNotConnected``) is kept as an ``except``. Overrides a
+        private method (tested in ``tests/test_connector.py``).
+        """
+        if self._requiresResolution:
+            super().resolveAddress()
+            return
+        try:
+            self._setRealAddress(self.addr)
+        except BaseException:
+            self.failIfNotConnected(Failure())
+
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
         if whenDone:
             self._commonConnection.__init__(self, skt, None, reactor)
             self._start = whenDone
         else:
             super()._finishInit(whenDone, skt, error, reactor)
+
+
+class _Direct(ClientFactory):
+    """One `DirectTCPEndpoint.connect_direct` attempt: its factory, stand-in and handle.
+
+    As factory it hands the transport itself (``buildProtocol``); as stand-in
+    protocol it steps aside in ``makeConnection``, as `_Handoff` does.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        protocol: IProtocol,
+        on_connected: Callable[[], None],
+        on_failed: Callable[[BaseException], None],
+    ) -> None:
+        self._protocol = protocol
+        self._on_connected = on_connected
+        self._on_failed: Callable[[BaseException], None] | None = on_failed
+        self.connector: tcp.Connector | None = None
+
+    def cancel(self) -> None:
+        """Stop connecting; neither callback runs (a no-op once it has run)."""
+        if self._on_failed is not None:
+            self._on_failed = None
+            connector = self.connector
+            if connector is not None and connector.state == "connecting":
+                connector.stopConnecting()
+
+    def doStart(self) -> None:
+        """Nothing to start: no factory is wrapped."""
+
+    def doStop(self) -> None:
+        """Nothing to stop."""
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        return self
+
+    def logPrefix(self) -> str:
+        return self._protocol.__class__.__name__
+
+    def makeConnection(self, transport: Any) -> None:
+        self._on_failed = None  # from now on, connectionLost tells the protocol
+        protocol = self._protocol
+        transport.protocol = protocol  # the transport's events now go straight there
+        protocol.makeConnection(transport)
+        self._on_connected()
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        on_failed, self._on_failed = self._on_failed, None
+        if on_failed is not None:
+            on_failed(reason.value)
 
 
 class _Connector(tcp.Connector):

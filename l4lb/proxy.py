@@ -290,7 +290,13 @@ class Session:
         """Find and connect a server; the client is not read until then."""
         if self.frontend.router is None:  # a router reads the client first
             self.watch_departure()
-        connecting = Deferred.fromCoroutine(self.connect())
+            if self._connect_direct():
+                return
+        self._connect_later(self.connect())
+
+    def _connect_later(self, connect: Any) -> None:
+        """Run the ``connect`` coroutine (queueing, routers, retries, test seams)."""
+        connecting = Deferred.fromCoroutine(connect)
         if not connecting.called:  # it may already be over (no server at all)
             self._connecting = connecting
         connecting.addErrback(self._connect_failed)
@@ -317,8 +323,17 @@ class Session:
 
     # -- 2. pick a server and connect, with retries ------------------------
 
-    async def connect(self) -> None:
-        """Connect to a server, trying others on failure, then splice."""
+    async def connect(
+        self,
+        server_state: ServerState | None = None,
+        tried: list[ServerState] | None = None,
+    ) -> None:
+        """Connect to a server, trying others on failure, then splice.
+
+        ``server_state``: already acquired (`_connect_direct` could not use
+        it); ``tried``: servers that failed this session (a retry after
+        `_connect_direct`).
+        """
         router = self.frontend.router
         if router is not None:
             self.pool = await router.route(self)  # pauses the client again
@@ -326,10 +341,12 @@ class Session:
         pool = self.pool
         assert pool is not None
         timeout = pool.config.connect_timeout
-        tried: list[ServerState] = []
+        if tried is None:
+            tried = []
         while True:
-            # A server with room is picked at once, without a Deferred.
-            server_state = pool.acquire_now(self.client_host, tried)
+            if server_state is None:
+                # A server with room is picked at once, without a Deferred.
+                server_state = pool.acquire_now(self.client_host, tried)
             if server_state is None:
                 server_state = await pool.acquire(self.client_host, tried)
             attempt_started = self.clock.seconds()
@@ -362,25 +379,62 @@ class Session:
                 self.connect_time = self.clock.seconds() - attempt_started
                 self.splice(server_state, protocol)
                 return
-            # A failed attempt: count it, then try the next server or give up.
-            pool.release(server_state)
-            tried.append(server_state)
-            why = _describe_connect_failure(failure, timeout)
-            log.warning(
-                "server connect failed",
-                frontend=self.frontend.name,
-                pool=pool.name,
-                server=server_state.name,
-                client=format_address(self.client_address),
-                error=why,
-                attempt=self.retries + 1,
-            )
-            pool.connect_failed(server_state, why)  # after: logs read in order
-            if self.retries >= pool.config.retries:
-                raise NoServerError(
-                    "connect failed", f"{server_state.name}: {why}"
-                ) from failure
-            self.retries += 1
+            self._attempt_failed(pool, server_state, failure, tried)
+            server_state = None
+
+    def _attempt_failed(
+        self,
+        pool: Pool,
+        server_state: ServerState,
+        failure: BaseException,
+        tried: list[ServerState],
+    ) -> None:
+        """Count a failed attempt; raises `NoServerError` when no retry is left."""
+        pool.release(server_state)
+        tried.append(server_state)
+        why = _describe_connect_failure(failure, pool.config.connect_timeout)
+        log.warning(
+            "server connect failed",
+            frontend=self.frontend.name,
+            pool=pool.name,
+            server=server_state.name,
+            client=format_address(self.client_address),
+            error=why,
+            attempt=self.retries + 1,
+        )
+        pool.connect_failed(server_state, why)  # after: logs read in order
+        if self.retries >= pool.config.retries:
+            raise NoServerError(
+                "connect failed", f"{server_state.name}: {why}"
+            ) from failure
+        self.retries += 1
+
+    def _connect_direct(self) -> bool:
+        """The common case without coroutine or Deferreds; False: not started.
+
+        A server with room right now, behind an endpoint with
+        ``connect_direct`` (`l4lb.connector.DirectTCPEndpoint` on a real
+        reactor). `_DirectAttempt` keeps `connect`'s behaviour: the session
+        timer's connect deadline, cancellation when the client leaves, the
+        "server connect failed" line and health report. A failed attempt
+        goes on with `connect` (retries, queueing).
+        """
+        pool = self.pool
+        assert pool is not None
+        server_state = pool.acquire_now(self.client_host, ())
+        if server_state is None:
+            return False
+        endpoint = self.frontend.endpoint_for(server_state)
+        if getattr(endpoint, "connect_direct", None) is None:
+            self._connect_later(self.connect(server_state))
+            return True
+        attempt = _DirectAttempt(self, pool, server_state, self.clock.seconds())
+        self._connecting = self._attempt = attempt
+        self._attempt_deadline = attempt.started + pool.config.connect_timeout
+        self._attempt_timed_out = False
+        self._schedule()
+        attempt.start(endpoint)
+        return True
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -396,6 +450,28 @@ class Session:
                 "unexpected error while connecting", failure=failure.getTraceback()
             )
         self.client.transport.loseConnection()
+
+    def _direct_connected(self, attempt: _DirectAttempt) -> None:
+        self._attempt = None
+        self.connect_time = self.clock.seconds() - attempt.started
+        try:
+            self.splice(attempt.server_state, attempt.protocol)
+        except BaseException:
+            self._connect_failed(Failure())  # as an exception out of `connect`
+
+    def _direct_failed(self, attempt: _DirectAttempt, exc: BaseException) -> None:
+        self._attempt = None
+        self._connecting = None
+        if not isinstance(exc, _CONNECT_FAILURES):
+            self._connect_failed(Failure(exc))  # as it would leave `connect`
+            return
+        tried: list[ServerState] = []
+        try:
+            self._attempt_failed(attempt.pool, attempt.server_state, exc, tried)
+        except NoServerError:
+            self._connect_failed(Failure())
+            return
+        self._connect_later(self.connect(tried=tried))
 
     # -- 3. splice ---------------------------------------------------------
 
@@ -689,6 +765,63 @@ class Session:
             fields["detail"] = self.detail
         fields.update(self.log_fields)
         log.info("connection closed", **fields)
+
+
+class _DirectAttempt:
+    """`Session._connect_direct`'s one attempt: the handle the session cancels.
+
+    ``cancel`` is called as ``Session._attempt`` (the connect deadline,
+    with ``_attempt_timed_out`` set) or as ``Session._connecting`` (the client
+    left, or the session closes), as `Session.connect` tells them apart.
+    """
+
+    __slots__ = ("_handle", "pool", "protocol", "server_state", "session", "started")
+
+    def __init__(
+        self, session: Session, pool: Pool, server_state: ServerState, started: float
+    ) -> None:
+        self.session = session
+        self.pool = pool
+        self.server_state = server_state
+        self.started = started
+        self.protocol = ServerProtocol()
+        self._handle: Any = None
+
+    def start(self, endpoint: Any) -> None:
+        try:
+            handle = endpoint.connect_direct(
+                self.protocol, self._connected, self._failed
+            )
+        except BaseException as e:  # as `connect` would see a failed Deferred
+            self._failed(e)
+            return
+        if self.session._attempt is self:  # still going: keep the handle
+            self._handle = handle
+
+    def _connected(self) -> None:
+        self.session._direct_connected(self)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.session._direct_failed(self, exc)
+
+    def cancel(self) -> None:
+        session = self.session
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+        if session._attempt is not self:
+            return  # over already
+        session._attempt = None
+        if session._attempt_timed_out:
+            timeout = self.pool.config.connect_timeout
+            session._direct_failed(
+                self, defer.TimeoutError(f"connect timed out after {timeout:g}s")
+            )
+        else:
+            # The client left or we are closing.
+            self.pool.release(self.server_state)
+            session._connecting = None
+            session._stop_watching()
 
 
 class DepartureWatch:

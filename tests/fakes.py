@@ -7,6 +7,7 @@ attempts the test completes, refuses or leaves hanging.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error
@@ -83,8 +84,67 @@ class FakeEndpoint:
         return [(f, d) for f, d in self.attempts if not d.called]
 
 
+class DirectFakeEndpoint(FakeEndpoint):
+    """Also offers ``connect_direct``, as `l4lb.connector.DirectTCPEndpoint` does.
+
+    Its attempts are recorded like `FakeEndpoint`'s, so `Harness.complete` and
+    `Harness.refuse` end them the same way; they reach the session through
+    the callbacks instead of a Deferred.
+    """
+
+    def connect_direct(
+        self,
+        protocol: Any,
+        on_connected: Callable[[], None],
+        on_failed: Callable[[BaseException], None],
+    ) -> Any:
+        endpoint = self
+
+        class Handle:
+            live = True
+
+            def cancel(self) -> None:
+                if self.live:
+                    self.live = False
+                    endpoint.cancelled += 1
+                    d.callback(None)  # over: no longer pending
+
+        handle = Handle()
+
+        def connected(_: Any) -> None:
+            if handle.live:
+                handle.live = False
+                on_connected()
+
+        def failed(failure: Failure) -> None:
+            if handle.live:
+                handle.live = False
+                on_failed(failure.value)
+
+        d: Deferred[Any] = Deferred()
+        d.addCallbacks(connected, failed)
+        self.attempts.append((_OneProtocol(protocol), d))
+        return handle
+
+
+class _OneProtocol:
+    """A factory stand-in: `Harness.complete` builds the protocol through it."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self._protocol
+
+
 class Harness:
-    """One frontend in front of one pool of fake servers, on a fake clock."""
+    """One frontend in front of one pool of fake servers, on a fake clock.
+
+    With ``direct`` (default: the class's ``direct``), the fake endpoints
+    offer ``connect_direct``, and the session's fast connect path runs.
+    """
+
+    direct = False
 
     def __init__(
         self,
@@ -93,8 +153,12 @@ class Harness:
         pool: dict[str, Any] | None = None,
         frontend: dict[str, Any] | None = None,
         process_limit: int = 1000,
+        direct: bool | None = None,
     ) -> None:
         self.clock = MemoryReactorClock()
+        if direct is None:
+            direct = self.direct
+        endpoint_type = DirectFakeEndpoint if direct else FakeEndpoint
         if isinstance(servers, int):
             servers = [{} for _ in range(servers)]
         server_configs = tuple(
@@ -107,7 +171,7 @@ class Harness:
         )
         self.pool_config = PoolConfig(name="p", servers=server_configs, **(pool or {}))
         self.pool = Pool(self.pool_config, self.clock)
-        self.endpoints = {s.name: FakeEndpoint(s.name) for s in server_configs}
+        self.endpoints = {s.name: endpoint_type(s.name) for s in server_configs}
         self.frontend_config = FrontendConfig(
             name="fe",
             listen="127.0.0.1:0",

@@ -107,3 +107,81 @@ class TestDirectTCPEndpoint:
         failures: list[Any] = []
         connecting.addErrback(failures.append)
         assert failures[0].check(error.NoProtocol)
+
+
+class TestConnectDirect:
+    """`DirectTCPEndpoint.connect_direct`: callbacks instead of a Deferred."""
+
+    def test_not_offered_on_fake_reactors(self) -> None:
+        endpoint = DirectTCPEndpoint(MemoryReactorClock(), "127.0.0.1", 1)
+        assert endpoint.connect_direct(Protocol(), lambda: None, lambda e: None) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_connects_without_deferred_or_timer(self) -> None:
+        """The protocol is connected (its own transport, no wrapper), then on_connected runs."""
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(_SendThenHalfClose), interface="127.0.0.1"
+        )
+        try:
+            recorder = _Recorder()
+            done: defer.Deferred[None] = defer.Deferred()
+            timers = len(reactor.getDelayedCalls())
+            handle = DirectTCPEndpoint(
+                reactor, "127.0.0.1", port.getHost().port
+            ).connect_direct(recorder, lambda: done.callback(None), done.errback)
+            assert handle is not None
+            assert len(reactor.getDelayedCalls()) == timers
+            await done
+            assert recorder.events[0] == "made"
+            assert recorder.transport.protocol is recorder  # type: ignore[attr-defined]
+            handle.cancel()  # connected already: nothing to stop
+            await recorder.lost
+            assert recorder.data == b"hello"
+        finally:
+            await port.stopListening()
+
+    @pytest_twisted.ensureDeferred
+    async def test_refused(self) -> None:
+        """A refused connect reaches on_failed with Twisted's own error."""
+        failed: defer.Deferred[BaseException] = defer.Deferred()
+        DirectTCPEndpoint(reactor, "127.0.0.1", free_port()).connect_direct(
+            Protocol(),
+            lambda: failed.errback(AssertionError("connected")),
+            failed.callback,
+        )
+        assert isinstance(await failed, error.ConnectionRefusedError)
+
+    @pytest_twisted.ensureDeferred
+    async def test_cancel_calls_neither_callback(self) -> None:
+        """cancel() stops connect(2) (the socket is closed) and reports nothing."""
+        calls: list[object] = []
+        # A listener that never accepts: connect(2) may still complete (backlog),
+        # so cancel at once, before the reactor runs.
+        handle = DirectTCPEndpoint(reactor, "127.0.0.1", free_port()).connect_direct(
+            Protocol(), lambda: calls.append("connected"), calls.append
+        )
+        assert handle is not None
+        connector = handle.connector
+        handle.cancel()
+        assert connector.state == "disconnected"
+        waited: defer.Deferred[None] = defer.Deferred()
+        reactor.callLater(0.05, waited.callback, None)
+        await waited
+        assert calls == []
+
+
+class TestTwistedPrivateAPI:
+    """Fails loudly if the private parts of ``tcp.Client`` the connector uses change."""
+
+    def test_client_resolution_hooks(self) -> None:
+        """`_Client.resolveAddress` replaces Twisted's: same name, same callers."""
+        from twisted.internet import tcp
+
+        for name in ("resolveAddress", "_setRealAddress", "failIfNotConnected"):
+            assert callable(getattr(tcp.Client, name)), name
+        init_names = tcp.Client.__init__.__code__.co_names
+        # tcp.Client hands resolveAddress to _finishInit as whenDone, and sets
+        # _requiresResolution there.
+        assert "resolveAddress" in init_names
+        assert "_requiresResolution" in init_names
+        assert "addr" in init_names
