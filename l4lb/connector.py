@@ -120,6 +120,7 @@ class _Client(tcp.Client):
     """
 
     _start: Callable[[], None] | None = None
+    _shouldShutdown = False  # close() alone sends the FIN: see l4lb.accept
 
     def resolveAddress(self) -> None:
         """Twisted's, without its Deferred when the address is an IP literal.

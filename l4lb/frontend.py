@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 
+from l4lb import accept
 from l4lb.proxy import (
     ClientProtocol,
     EndpointForServer,
@@ -172,6 +173,7 @@ class Frontend(ServerFactory):
         self.accepting = True
         self._reading = True
         self.listener_tuned = tune_listener(port)
+        accept.lean(port)  # before the clamp wraps its doRead
         _clamp_accept_batches(port, self.room)
         self.gate()
 

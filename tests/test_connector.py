@@ -185,3 +185,5 @@ class TestTwistedPrivateAPI:
         assert "resolveAddress" in init_names
         assert "_requiresResolution" in init_names
         assert "addr" in init_names
+        # l4lb's client transports set _shouldShutdown = False (l4lb.accept).
+        assert "_shouldShutdown" in tcp._SocketCloser._closeSocket.__code__.co_names
