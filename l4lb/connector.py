@@ -138,6 +138,26 @@ class _Client(tcp.Client):
         except BaseException:
             self.failIfNotConnected(Failure())
 
+    def stopReading(self) -> None:
+        """Twisted's, but kept reading when ``doConnect`` has just succeeded.
+
+        On success ``doConnect`` drops its ``doRead``/``doWrite`` stand-ins,
+        stops reading and writing, and ``_connectDone`` starts reading again:
+        three epoll changes where stopping writing is the only one needed.
+        Only that call is skipped: not connected yet, a connector, and no
+        ``doRead`` stand-in (``doConnect`` sets one before it first
+        registers, and every failure path runs with it still set). Relies on
+        the order inside Twisted's private ``doConnect``, checked by
+        ``tests/test_connector.py``.
+        """
+        if (
+            not self.connected
+            and "doRead" not in self.__dict__
+            and getattr(self, "connector", None) is not None
+        ):
+            return
+        super().stopReading()
+
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
         if whenDone:
             self._commonConnection.__init__(self, skt, None, reactor)

@@ -642,7 +642,8 @@ class Session:
         """Closing flushes what is buffered; a peer that never reads gets aborted."""
         if self._closing_at is None:
             self._closing_at = self.clock.seconds()
-        self._schedule()
+            self._schedule()
+        # Else the timer already points at _closing_at + the linger limit.
 
     def _abort_lingering(self) -> None:
         for transport in self._live_transports():

@@ -187,3 +187,46 @@ class TestTwistedPrivateAPI:
         assert "addr" in init_names
         # l4lb's client transports set _shouldShutdown = False (l4lb.accept).
         assert "_shouldShutdown" in tcp._SocketCloser._closeSocket.__code__.co_names
+
+    def test_do_connect_order(self) -> None:
+        """`_Client.stopReading` skips the stop in ``doConnect``'s success path:
+        that path deletes the ``doRead`` stand-in, then stops reading and
+        writing, then ``_connectDone`` starts reading again."""
+        import dis
+
+        from twisted.internet import tcp
+
+        ops = [
+            (i.opname, i.argval)
+            for i in dis.get_instructions(tcp.BaseClient.doConnect)
+            if i.opname in ("DELETE_ATTR", "LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR")
+        ]
+        names = [name for _, name in ops]
+        assert ("STORE_ATTR", "doRead") in ops  # the stand-in, set first
+        assert names.index("doRead") < names.index("getsockopt")
+        deleted = ops.index(("DELETE_ATTR", "doRead"))
+        tail = names[deleted:]
+        assert tail.index("stopReading") < tail.index("stopWriting")
+        assert tail.index("stopWriting") < tail.index("_connectDone")
+        assert "startReading" in tcp.BaseClient._connectDone.__code__.co_names
+
+    @pytest_twisted.ensureDeferred
+    async def test_connected_socket_reads_and_does_not_write(self) -> None:
+        """After connect(2) succeeds: read interest only, as with Twisted's order."""
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(_SendThenHalfClose), interface="127.0.0.1"
+        )
+        try:
+            recorder = _Recorder()
+            done: defer.Deferred[None] = defer.Deferred()
+            DirectTCPEndpoint(reactor, "127.0.0.1", port.getHost().port).connect_direct(
+                recorder, lambda: done.callback(None), done.errback
+            )
+            await done
+            transport = recorder.transport
+            assert transport in reactor.getReaders()
+            assert transport not in reactor.getWriters()
+            await recorder.lost
+            assert recorder.data == b"hello"
+        finally:
+            await port.stopListening()
