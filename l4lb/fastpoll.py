@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import sys
 from typing import Any
 
 from twisted.python import log
@@ -157,12 +158,24 @@ def do_poll(reactor: Any, timeout: float | None) -> None:
             return
         raise
     do_read_or_write = reactor._doReadOrWrite
+    disconnect = reactor._disconnectSelectable
     for fd, event in events:
         selectable = selectables.get(fd)
         if selectable is None:
             continue
         try:
-            do_read_or_write(selectable, fd, event)
+            if event == EPOLLIN and selectable.fileno() != -1:
+                # Readable and nothing else (most events): _doReadOrWrite's
+                # own steps for that case, without its frame.
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.err()
+                if why:
+                    disconnect(selectable, why, True)
+            else:
+                do_read_or_write(selectable, fd, event)
         except KeyboardInterrupt:
             raise
         except BaseException:

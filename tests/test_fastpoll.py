@@ -101,6 +101,28 @@ class TestFastPoll:
         a2.close()
         b1.close()  # removed from the reactor; ``good`` is closed by the fixture
 
+    def test_failing_doRead_is_logged_and_disconnects(self, reactor: Any) -> None:
+        """As Twisted's _doReadOrWrite: the error is logged, the selectable lost."""
+        assert fastpoll.install(reactor)
+        errors: list[dict[str, Any]] = []
+        log.addObserver(errors.append)
+        a, b = socket.socketpair()
+        try:
+            reader = _Reader(b, reactor)
+            reader.doRead = lambda: 1 / 0  # type: ignore[method-assign]
+            reactor.addReader(reader)
+            a.send(b"x")
+            reactor.iterate(0)
+        finally:
+            log.removeObserver(errors.append)
+        failures = [e for e in errors if e.get("isError")]
+        assert len(failures) == 1
+        assert failures[0]["failure"].check(ZeroDivisionError)
+        assert reader.calls == ["lost"]
+        assert reader not in reactor.getReaders()
+        a.close()
+        b.close()
+
 
 class TestLeanInterest:
     """`fastpoll.install` also swaps in leaner add/remove reader/writer methods."""
