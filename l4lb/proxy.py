@@ -433,7 +433,9 @@ class Session:
         self._attempt_deadline = attempt.started + pool.config.connect_timeout
         self._attempt_timed_out = False
         self._schedule()
-        attempt.start(endpoint)
+        if not attempt.start(endpoint):  # not on this reactor (a test fake)
+            self._connecting = self._attempt = None
+            self._connect_later(self.connect(server_state))
         return True
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -788,16 +790,21 @@ class _DirectAttempt:
         self.protocol = ServerProtocol()
         self._handle: Any = None
 
-    def start(self, endpoint: Any) -> None:
+    def start(self, endpoint: Any) -> bool:
+        """Start connecting; False if the endpoint cannot here (``connect_direct``
+        gave None: nothing was started, the session uses `Session.connect`)."""
         try:
             handle = endpoint.connect_direct(
                 self.protocol, self._connected, self._failed
             )
         except BaseException as e:  # as `connect` would see a failed Deferred
             self._failed(e)
-            return
+            return True
+        if handle is None:
+            return False
         if self.session._attempt is self:  # still going: keep the handle
             self._handle = handle
+        return True
 
     def _connected(self) -> None:
         self.session._direct_connected(self)

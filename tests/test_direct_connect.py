@@ -71,3 +71,18 @@ class TestQueueDirect(test_proxy.TestQueue):
 
 class TestLogLineDirect(test_proxy.TestLogLine):
     pass
+
+
+class TestEndpointDeclines:
+    def test_none_from_connect_direct_means_the_coroutine(self) -> None:
+        """``connect_direct`` returning None (a fake reactor): `Session.connect`
+        connects the server already picked, with the endpoint's ``connect``."""
+        h = Harness(servers=1)
+        endpoint = h.endpoints["s0"]
+        endpoint.connect_direct = lambda *args: None  # type: ignore[method-assign]
+        client, client_transport = h.accept()
+        assert type(client.session._connecting).__name__ == "Deferred"
+        assert h.pool.servers[0].live == 1  # reserved once, not twice
+        h.complete()
+        assert not client_transport.disconnecting
+        assert client.session.server_state is h.pool.servers[0]
