@@ -158,5 +158,27 @@ class _Handoff(Protocol):
     def makeConnection(self, transport: Any) -> None:
         protocol = self._protocol
         transport.protocol = protocol  # the transport's events now go straight there
+        # Connected: the connector (and through it this attempt's factory, its
+        # Deferred and the caller's factory) is only told of the connection's
+        # end, which no one here listens to. A shared stand-in takes that call
+        # so they are freed now rather than held for the connection's life.
+        transport.connector = _CONNECTED
         protocol.makeConnection(transport)
         self._deferred.callback(protocol)
+
+
+class _Connected:
+    """Stands in for the connector of an established connection.
+
+    ``tcp.Client.connectionLost`` (a Twisted private detail) tells its
+    ``connector`` of the end and uses it for nothing else once connected;
+    ``tests/test_connector.py`` fails if that changes.
+    """
+
+    __slots__ = ()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The connection ended: nothing waits for it (`_Connecting` is gone)."""
+
+
+_CONNECTED = _Connected()
