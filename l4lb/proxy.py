@@ -48,11 +48,11 @@ from l4lb import logs
 from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
+from l4lb.timers import Entry, queue_for
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
         IAddress,
-        IDelayedCall,
         IReactorTime,
         IStreamClientEndpoint,
         ITransport,
@@ -191,7 +191,8 @@ class _ServerFactory(Factory):
 class Session:
     """One client connection, its backend connection, and its one log line.
 
-    A session owns at most one timer (``_timer``) for its whole life: the
+    A session owns at most one timer (``_timer``, an entry in the clock's
+    `l4lb.timers.TimerQueue`, not a DelayedCall of its own) for its whole life: the
     connect deadline, then the idle / half-closed check, then the lingering
     close. Each firing looks at the session's state, acts if a deadline has
     passed, and otherwise re-arms for the next one; a deadline pushed back by
@@ -262,7 +263,7 @@ class Session:
         self._server_gone = True  # until a backend is connected
         self._connecting: Deferred[None] | None = None
         self._watch: DepartureWatch | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: Entry | None = None  # in the clock's TimerQueue
         self._attempt: Deferred[object] | None = None  # the connect in progress
         self._attempt_deadline = 0.0
         self._attempt_timed_out = False
@@ -593,20 +594,20 @@ class Session:
         """Point the one timer at the current deadline (called at phase changes)."""
         deadline = self._deadline()
         timer = self._timer
+        timers = queue_for(self.clock)
         if timer is not None:
             # _TIMER_SLACK: a timer reset a moment ago to (nearly) this deadline
             # lands a few microseconds after it on a real clock; that is not
             # worth a new timer.
-            if deadline is not None and timer.getTime() <= deadline + _TIMER_SLACK:
-                if timer.getTime() < deadline:
-                    # Later: Twisted moves it lazily, without a new timer.
-                    timer.reset(deadline - self.clock.seconds())
+            at = timers.when(timer)
+            if deadline is not None and at <= deadline + _TIMER_SLACK:
+                if at < deadline:
+                    timers.postpone(timer, deadline)  # lazily, without a new entry
                 return
             self._timer = None
-            timer.cancel()  # sooner: a new timer is cheaper than moving it up
+            timers.cancel(timer)  # sooner: a new entry is cheaper than moving it up
         if deadline is not None and not self._finished:
-            delay = max(0.0, deadline - self.clock.seconds())
-            self._timer = self.clock.callLater(delay, self._on_timer)
+            self._timer = timers.add(max(deadline, self.clock.seconds()), self)
 
     def _on_timer(self) -> None:
         """A deadline may have passed: act on it, or re-arm for the next one."""
@@ -646,7 +647,7 @@ class Session:
             self.splicer.close()
         if self._timer is not None:
             timer, self._timer = self._timer, None
-            timer.cancel()
+            queue_for(self.clock).cancel(timer)
         if logs.enabled():
             self._log_closed()
         # Last: this may complete a graceful stop, whose summary must come after.
