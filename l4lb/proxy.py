@@ -37,10 +37,12 @@ from twisted.internet import defer, error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocol,
     IReactorFDSet,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -107,20 +109,54 @@ def tune_listener(port: object) -> bool:
     return True
 
 
-@implementer(IHalfCloseableProtocol)
-class ClientProtocol(Protocol):
+class _SlottedProtocol:
+    """What ``twisted.internet.protocol.Protocol`` gives, without an instance dict.
+
+    Two protocols are held per proxied connection; a ``Protocol`` subclass
+    keeps a dict for ``transport``, ``connected`` and its own attributes
+    (about 40 bytes more each than these slots).
+    """
+
+    __slots__ = ("connected", "transport")
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        """Called once the transport is set."""
+
+    def logPrefix(self) -> str:
+        return self.__class__.__name__
+
+
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol)
+class ClientProtocol(_SlottedProtocol):
     """The accepted client side of a session."""
 
+    __slots__ = ("_can_half_close", "early", "factory", "frontend", "session")
+
     session: Session
-    # False for TLS clients: no half-close, a server FIN closes with close_notify.
-    can_half_close = True
-    # Client bytes read before a server was connected (decrypted with the
-    # last handshake flight, or during a STARTTLS negotiation): the splice
-    # passes them on before anything else.
-    early: bytes = b""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
+        self.connected = 0
+        self.factory: Any = None
+        # Client bytes read before a server was connected (decrypted with the
+        # last handshake flight, or during a STARTTLS negotiation): the splice
+        # passes them on before anything else.
+        self.early = b""
+        self._can_half_close = True
+
+    @property
+    def can_half_close(self) -> bool:
+        """False for TLS clients: no half-close, a server FIN closes with close_notify."""
+        return self._can_half_close
+
+    @can_half_close.setter
+    def can_half_close(self, value: bool) -> None:
+        self._can_half_close = value
 
     def connectionMade(self) -> None:
         if not self.frontend.listener_tuned:  # else inherited from the listener
@@ -147,11 +183,15 @@ class ClientProtocol(Protocol):
         self.session.client_lost(reason)
 
 
-@implementer(IHalfCloseableProtocol)
-class ServerProtocol(Protocol):
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol)
+class ServerProtocol(_SlottedProtocol):
     """The backend side of a session, connected through the pool's endpoint seam."""
 
-    session: Session | None = None
+    __slots__ = ("session",)
+
+    def __init__(self) -> None:
+        self.connected = 0
+        self.session: Session | None = None
 
     def connectionMade(self) -> None:
         _tune(self.transport)
@@ -209,6 +249,7 @@ class Session:
         "_closing_at",
         "_connecting",
         "_finished",
+        "_log_fields",
         "_server_eof",
         "_server_gone",
         "_server_paces_client",
@@ -217,7 +258,6 @@ class Session:
         "bytes_from_client",
         "bytes_from_server",
         "client",
-        "client_address",
         "client_host",
         "clock",
         "connect_time",
@@ -225,7 +265,6 @@ class Session:
         "first_bytes",
         "frontend",
         "last_activity",
-        "log_fields",
         "pool",
         "read_early",
         "reason",
@@ -244,9 +283,9 @@ class Session:
         self.client = client
         self.server: ServerProtocol | None = None
         self.server_state: ServerState | None = None
-        peer = client.transport.getPeer()
-        self.client_address = peer
-        self.client_host: str = getattr(peer, "host", "") or ""
+        # The address itself is not kept (about 150 bytes): the transport makes
+        # it again for the log line (`client_address`).
+        self.client_host: str = getattr(client.transport.getPeer(), "host", "") or ""
         self.started = self.clock.seconds()
         self.last_activity = self.started
         self.connect_time: float | None = None
@@ -255,8 +294,7 @@ class Session:
         self.retries = 0
         self.reason: str | None = None
         self.detail: str | None = None
-        # Extra fields for the "connection closed" line (TLS version, SNI, ...).
-        self.log_fields: dict[str, object] = {}
+        self._log_fields: dict[str, object] | None = None  # made on first use
         self._client_eof = False
         self._server_eof = False
         self._client_gone = False
@@ -277,6 +315,19 @@ class Session:
         self.read_early: Callable[[bytes], None] | None = None
         self.first_bytes = b""
         self.splicer: Splicer | None = None  # set when the kernel moves the bytes
+
+    @property
+    def client_address(self) -> IAddress:
+        """The client's address (the transport keeps it, also once closed)."""
+        return self.client.transport.getPeer()  # type: ignore[no-any-return]
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """Extra fields for the "connection closed" line (TLS version, SNI, ...)."""
+        fields = self._log_fields
+        if fields is None:
+            fields = self._log_fields = {}
+        return fields
 
     # -- 1. start ----------------------------------------------------------
 
@@ -670,7 +721,8 @@ class Session:
         }
         if self.detail:
             fields["detail"] = self.detail
-        fields.update(self.log_fields)
+        if self._log_fields:
+            fields.update(self._log_fields)
         log.info("connection closed", **fields)
 
 
