@@ -264,7 +264,6 @@ class Session:
         "bytes_from_client",
         "bytes_from_server",
         "client",
-        "client_host",
         "clock",
         "connect_time",
         "detail",
@@ -289,9 +288,6 @@ class Session:
         self.client = client
         self.server: ServerProtocol | None = None
         self.server_state: ServerState | None = None
-        # The address itself is not kept (about 150 bytes): the transport makes
-        # it again for the log line (`client_address`).
-        self.client_host: str = getattr(client.transport.getPeer(), "host", "") or ""
         self.started = self.clock.seconds()
         self.last_activity = self.started
         self.connect_time: float | None = None
@@ -322,10 +318,18 @@ class Session:
         self.first_bytes = b""
         self.splicer: Splicer | None = None  # set when the kernel moves the bytes
 
+    # The client's address is not kept (about 150 bytes per session): the
+    # transport has it, also once closed, and makes the object when asked.
+
     @property
     def client_address(self) -> IAddress:
-        """The client's address (the transport keeps it, also once closed)."""
+        """The client's address, for log lines."""
         return self.client.transport.getPeer()  # type: ignore[no-any-return]
+
+    @property
+    def client_host(self) -> str:
+        """The client's host, for policies that hash it (asked once per connect)."""
+        return getattr(self.client.transport.getPeer(), "host", "") or ""
 
     @property
     def log_fields(self) -> dict[str, object]:
