@@ -257,9 +257,10 @@ class _Connecting(ClientFactory):
         except BaseException:
             self.deferred.errback()
             return None
-        return _Handoff(protocol, self.deferred)
+        return _Handoff(protocol, self)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._connector = None  # no cycle left for the garbage collector
         if not self.deferred.called:
             self.deferred.errback(reason)
 
@@ -267,9 +268,9 @@ class _Connecting(ClientFactory):
 class _Handoff(Protocol):
     """Stands in for the real protocol until the connection is made, then steps aside."""
 
-    def __init__(self, protocol: IProtocol, deferred: Deferred[IProtocol]) -> None:
+    def __init__(self, protocol: IProtocol, connecting: _Connecting) -> None:
         self._protocol = protocol
-        self._deferred = deferred
+        self._connecting = connecting
 
     def logPrefix(self) -> str:
         return self._protocol.__class__.__name__
@@ -277,5 +278,31 @@ class _Handoff(Protocol):
     def makeConnection(self, transport: Any) -> None:
         protocol = self._protocol
         transport.protocol = protocol  # the transport's events now go straight there
+        # Connected: the connector (and through it this attempt's factory, its
+        # Deferred and the caller's factory) is only told of the connection's
+        # end, which no one here listens to. A shared stand-in takes that call
+        # so they are freed now rather than held for the connection's life.
+        # Dropping the connector <-> factory cycle too frees them at once, not
+        # at the garbage collector's next full pass.
+        transport.connector = _CONNECTED
+        connecting = self._connecting
+        connecting._connector = None
         protocol.makeConnection(transport)
-        self._deferred.callback(protocol)
+        connecting.deferred.callback(protocol)
+
+
+class _Connected:
+    """Stands in for the connector of an established connection.
+
+    ``tcp.Client.connectionLost`` (a Twisted private detail) tells its
+    ``connector`` of the end and uses it for nothing else once connected;
+    ``tests/test_connector.py`` fails if that changes.
+    """
+
+    __slots__ = ()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The connection ended: nothing waits for it (`_Connecting` is gone)."""
+
+
+_CONNECTED = _Connected()

@@ -8,11 +8,13 @@ Twisted.
 
 `hook` switches the transport's class to a subclass, made once per class, with
 the same layout (one base, empty ``__slots__``), whose ``doRead``/``doWrite``
-call the ``on_read``/``on_write`` methods of one handler, found in a table
-keyed by transport. Setting bound methods on the instance, as Twisted's
-``abortConnection`` does, would work too, but it grows the instance dict by
-about 0.9 KiB per connection. The table costs one entry. `unhook` restores
-the class.
+call the ``on_read``/``on_write`` methods of one handler, kept in the
+transport's own ``__dict__`` (``_l4lb_handler``). Setting bound methods on the
+instance, as Twisted's ``abortConnection`` does, would work too, but costs two
+method objects per transport. One more key in a Twisted transport's dict
+costs nothing (it has room), where an entry in a table keyed by transport cost
+about 37 bytes. The class switch itself costs 64 bytes (CPython makes the
+instance's dict a real dict object). `unhook` restores the class.
 """
 
 from __future__ import annotations
@@ -28,21 +30,21 @@ class Handler(Protocol):
         """The transport's socket is writable (instead of its ``doWrite``)."""
 
 
-_HOOKED: dict[Any, Handler] = {}
 _classes: dict[type, type] = {}
+_hooked: set[type] = set()
 
 
 def _do_read(transport: Any) -> Exception | None:
-    return _HOOKED[transport].on_read()
+    return transport._l4lb_handler.on_read()  # type: ignore[no-any-return]
 
 
 def _do_write(transport: Any) -> Exception | None:
-    return _HOOKED[transport].on_write()
+    return transport._l4lb_handler.on_write()  # type: ignore[no-any-return]
 
 
 def hook(transport: Any, handler: Handler) -> None:
     """Send the reactor's calls on ``transport`` to ``handler``."""
-    if transport in _HOOKED:
+    if type(transport) in _hooked:
         unhook(transport)
     cls = type(transport)
     hooked = _classes.get(cls)
@@ -54,19 +56,22 @@ def hook(transport: Any, handler: Handler) -> None:
             "doWrite": _do_write,
         }
         hooked = _classes[cls] = type(f"Hooked{cls.__name__}", (cls,), namespace)
-    _HOOKED[transport] = handler
+        _hooked.add(hooked)
+    transport._l4lb_handler = handler
     transport.__class__ = hooked
 
 
 def unhook(transport: Any) -> None:
     """Give the transport its own ``doRead``/``doWrite`` back (no-op if not hooked)."""
-    if _HOOKED.pop(transport, None) is not None:
-        transport.__class__ = type(transport).__mro__[1]
+    cls = type(transport)
+    if cls in _hooked:
+        transport.__class__ = cls.__mro__[1]
+        del transport._l4lb_handler
 
 
 def original_do_write(transport: Any) -> Exception | None:
     """Twisted's own ``doWrite`` of a hooked (or unhooked) transport."""
     cls = type(transport)
-    if cls in _classes.values():
+    if cls in _hooked:
         cls = cls.__mro__[1]
     return cls.doWrite(transport)  # type: ignore[no-any-return]

@@ -37,10 +37,12 @@ from twisted.internet import defer, error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocol,
     IReactorFDSet,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -48,11 +50,11 @@ from l4lb import closing, logs
 from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
+from l4lb.timers import Entry, queue_for
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
         IAddress,
-        IDelayedCall,
         IReactorTime,
         IStreamClientEndpoint,
         ITransport,
@@ -107,20 +109,54 @@ def tune_listener(port: object) -> bool:
     return True
 
 
-@implementer(IHalfCloseableProtocol)
-class ClientProtocol(Protocol):
+class _SlottedProtocol:
+    """What ``twisted.internet.protocol.Protocol`` gives, without an instance dict.
+
+    Two protocols are held per proxied connection; a ``Protocol`` subclass
+    keeps a dict for ``transport``, ``connected`` and its own attributes
+    (about 40 bytes more each than these slots).
+    """
+
+    __slots__ = ("connected", "transport")
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        """Called once the transport is set."""
+
+    def logPrefix(self) -> str:
+        return self.__class__.__name__
+
+
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol)
+class ClientProtocol(_SlottedProtocol):
     """The accepted client side of a session."""
 
+    __slots__ = ("_can_half_close", "early", "factory", "frontend", "session")
+
     session: Session
-    # False for TLS clients: no half-close, a server FIN closes with close_notify.
-    can_half_close = True
-    # Client bytes read before a server was connected (decrypted with the
-    # last handshake flight, or during a STARTTLS negotiation): the splice
-    # passes them on before anything else.
-    early: bytes = b""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
+        self.connected = 0
+        self.factory: Any = None
+        # Client bytes read before a server was connected (decrypted with the
+        # last handshake flight, or during a STARTTLS negotiation): the splice
+        # passes them on before anything else.
+        self.early = b""
+        self._can_half_close = True
+
+    @property
+    def can_half_close(self) -> bool:
+        """False for TLS clients: no half-close, a server FIN closes with close_notify."""
+        return self._can_half_close
+
+    @can_half_close.setter
+    def can_half_close(self, value: bool) -> None:
+        self._can_half_close = value
 
     def connectionMade(self) -> None:
         if not self.frontend.listener_tuned:  # else inherited from the listener
@@ -147,14 +183,24 @@ class ClientProtocol(Protocol):
         self.session.client_lost(reason)
 
 
-@implementer(IHalfCloseableProtocol)
-class ServerProtocol(Protocol):
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol)
+class ServerProtocol(_SlottedProtocol):
     """The backend side of a session, connected through the pool's endpoint seam."""
 
-    session: Session | None = None
+    __slots__ = ("session",)
+
+    def __init__(self) -> None:
+        self.connected = 0
+        self.session: Session | None = None
 
     def connectionMade(self) -> None:
-        _tune(self.transport)
+        transport = self.transport
+        _tune(transport)
+        # Twisted builds the same "ServerProtocol,client" log prefix for every
+        # backend connection; one shared copy saves about 70 bytes each.
+        logstr = getattr(transport, "logstr", None)
+        if type(logstr) is str:
+            transport.logstr = sys.intern(logstr)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -191,7 +237,8 @@ class _ServerFactory(Factory):
 class Session:
     """One client connection, its backend connection, and its one log line.
 
-    A session owns at most one timer (``_timer``) for its whole life: the
+    A session owns at most one timer (``_timer``, an entry in the clock's
+    `l4lb.timers.TimerQueue`, not a DelayedCall of its own) for its whole life: the
     connect deadline, then the idle / half-closed check, then the lingering
     close. Each firing looks at the session's state, acts if a deadline has
     passed, and otherwise re-arms for the next one; a deadline pushed back by
@@ -208,6 +255,7 @@ class Session:
         "_closing_at",
         "_connecting",
         "_finished",
+        "_log_fields",
         "_server_eof",
         "_server_gone",
         "_server_paces_client",
@@ -216,15 +264,12 @@ class Session:
         "bytes_from_client",
         "bytes_from_server",
         "client",
-        "client_address",
-        "client_host",
         "clock",
         "connect_time",
         "detail",
         "first_bytes",
         "frontend",
         "last_activity",
-        "log_fields",
         "pool",
         "read_early",
         "reason",
@@ -243,9 +288,6 @@ class Session:
         self.client = client
         self.server: ServerProtocol | None = None
         self.server_state: ServerState | None = None
-        peer = client.transport.getPeer()
-        self.client_address = peer
-        self.client_host: str = getattr(peer, "host", "") or ""
         self.started = self.clock.seconds()
         self.last_activity = self.started
         self.connect_time: float | None = None
@@ -254,15 +296,14 @@ class Session:
         self.retries = 0
         self.reason: str | None = None
         self.detail: str | None = None
-        # Extra fields for the "connection closed" line (TLS version, SNI, ...).
-        self.log_fields: dict[str, object] = {}
+        self._log_fields: dict[str, object] | None = None  # made on first use
         self._client_eof = False
         self._server_eof = False
         self._client_gone = False
         self._server_gone = True  # until a backend is connected
         self._connecting: Deferred[None] | None = None
         self._watch: DepartureWatch | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: Entry | None = None  # in the clock's TimerQueue
         self._attempt: Deferred[object] | None = None  # the connect in progress
         self._attempt_deadline = 0.0
         self._attempt_timed_out = False
@@ -276,6 +317,27 @@ class Session:
         self.read_early: Callable[[bytes], None] | None = None
         self.first_bytes = b""
         self.splicer: Splicer | None = None  # set when the kernel moves the bytes
+
+    # The client's address is not kept (about 150 bytes per session): the
+    # transport has it, also once closed, and makes the object when asked.
+
+    @property
+    def client_address(self) -> IAddress:
+        """The client's address, for log lines."""
+        return self.client.transport.getPeer()  # type: ignore[no-any-return]
+
+    @property
+    def client_host(self) -> str:
+        """The client's host, for policies that hash it (asked once per connect)."""
+        return getattr(self.client.transport.getPeer(), "host", "") or ""
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """Extra fields for the "connection closed" line (TLS version, SNI, ...)."""
+        fields = self._log_fields
+        if fields is None:
+            fields = self._log_fields = {}
+        return fields
 
     # -- 1. start ----------------------------------------------------------
 
@@ -690,20 +752,20 @@ class Session:
         """Point the one timer at the current deadline (called at phase changes)."""
         deadline = self._deadline()
         timer = self._timer
+        timers = queue_for(self.clock)
         if timer is not None:
             # _TIMER_SLACK: a timer reset a moment ago to (nearly) this deadline
             # lands a few microseconds after it on a real clock; that is not
             # worth a new timer.
-            if deadline is not None and timer.getTime() <= deadline + _TIMER_SLACK:
-                if timer.getTime() < deadline:
-                    # Later: Twisted moves it lazily, without a new timer.
-                    timer.reset(deadline - self.clock.seconds())
+            at = timers.when(timer)
+            if deadline is not None and at <= deadline + _TIMER_SLACK:
+                if at < deadline:
+                    timers.postpone(timer, deadline)  # lazily, without a new entry
                 return
             self._timer = None
-            timer.cancel()  # sooner: a new timer is cheaper than moving it up
+            timers.cancel(timer)  # sooner: a new entry is cheaper than moving it up
         if deadline is not None and not self._finished:
-            delay = max(0.0, deadline - self.clock.seconds())
-            self._timer = self.clock.callLater(delay, self._on_timer)
+            self._timer = timers.add(max(deadline, self.clock.seconds()), self)
 
     def _on_timer(self) -> None:
         """A deadline may have passed: act on it, or re-arm for the next one."""
@@ -743,7 +805,7 @@ class Session:
             self.splicer.close()
         if self._timer is not None:
             timer, self._timer = self._timer, None
-            timer.cancel()
+            queue_for(self.clock).cancel(timer)
         if logs.enabled():
             self._log_closed()
         # Last: this may complete a graceful stop, whose summary must come after.
@@ -766,7 +828,8 @@ class Session:
         }
         if self.detail:
             fields["detail"] = self.detail
-        fields.update(self.log_fields)
+        if self._log_fields:
+            fields.update(self._log_fields)
         log.info("connection closed", **fields)
 
 

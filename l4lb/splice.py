@@ -190,23 +190,19 @@ class Splicer:
 
     __slots__ = ("down", "up")
 
-    def __init__(
-        self, session: Session, client: Any, server: Any, pipes: PipePool = PIPES
-    ) -> None:
-        self.up = up = Direction(session, client, server, True, pipes)
-        self.down = down = Direction(session, server, client, False, pipes)
+    def __init__(self, session: Session, client: Any, server: Any) -> None:
+        self.up = up = _Up(session, client, server)
+        self.down = down = _Down(session, server, client)
         up.other, down.other = down, up
         hook(client, up)  # reads for up, writes for down
         hook(server, down)
 
     @classmethod
-    def start(
-        cls, session: Session, client: Any, server: Any, pipes: PipePool | None = None
-    ) -> Splicer | None:
+    def start(cls, session: Session, client: Any, server: Any) -> Splicer | None:
         """Splice the session's two transports, or None to use the normal path."""
         if not (supported() and can_splice(client) and can_splice(server)):
             return None
-        splicer = cls(session, client, server, PIPES if pipes is None else pipes)
+        splicer = cls(session, client, server)
         client.startReading()  # no-op unless it stopped while waiting for a backend
         server.startReading()
         return splicer
@@ -225,34 +221,31 @@ class Splicer:
 
 
 class Direction:
-    """One direction of a spliced session: ``src`` socket → pipe → ``dst`` socket."""
+    """One direction of a spliced session: ``src`` socket → pipe → ``dst`` socket.
+
+    Every idle spliced connection holds two, so they keep only what differs:
+    ``from_client`` is on the class (`_Up`, `_Down`), pipes come from `PIPES`,
+    and the descriptors are asked of the transports when a splice needs them.
+    """
 
     __slots__ = (
         "_waiting",
         "broken",
         "copying",
         "dst",
-        "dst_fd",
-        "from_client",
         "other",
         "pending",
         "pipe",
-        "pipes",
         "session",
         "src",
-        "src_fd",
     )
 
-    def __init__(
-        self, session: Session, src: Any, dst: Any, from_client: bool, pipes: PipePool
-    ) -> None:
+    from_client: bool
+
+    def __init__(self, session: Session, src: Any, dst: Any) -> None:
         self.session = session
         self.src = src
         self.dst = dst
-        self.src_fd: int = src.fileno()
-        self.dst_fd: int = dst.fileno()
-        self.from_client = from_client
-        self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
         self.pending = 0  # bytes in the pipe
         self.broken = False  # sending to dst failed; its doWrite reports the loss
@@ -313,11 +306,11 @@ class Direction:
         pipe = self.pipe
         if pipe is None:
             try:
-                pipe = self.pipe = self.pipes.get()
+                pipe = self.pipe = PIPES.get()
             except OSError:
                 return self._copy()
         try:
-            n = _splice(self.src_fd, pipe[1], CHUNK, flags=_FLAGS)  # type: ignore[misc]
+            n = _splice(src.fileno(), pipe[1], CHUNK, flags=_FLAGS)  # type: ignore[misc]
         except (BlockingIOError, InterruptedError):
             n = -1
         except OSError:
@@ -356,7 +349,7 @@ class Direction:
     def _send(self) -> None:
         """Move what the pipe holds to dst, as far as it takes it now."""
         try:
-            moved = _splice(self.pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[index,misc]
+            moved = _splice(self.pipe[0], self.dst.fileno(), self.pending, flags=_FLAGS)  # type: ignore[index,misc]
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -431,9 +424,23 @@ class Direction:
             return
         if self.pending:
             self.pending = 0
-            self.pipes.discard(pipe)
+            PIPES.discard(pipe)
         else:
-            self.pipes.put(pipe)
+            PIPES.put(pipe)
 
     def close(self) -> None:
         self._release()
+
+
+class _Up(Direction):
+    """Client → server."""
+
+    __slots__ = ()
+    from_client = True
+
+
+class _Down(Direction):
+    """Server → client."""
+
+    __slots__ = ()
+    from_client = False

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, error, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
+from l4lb import connector as connector_module
 from l4lb.connector import DirectTCPEndpoint
 from tests.e2e import free_port
 
@@ -49,6 +51,18 @@ class _SendThenHalfClose(Protocol):
         self.transport.loseWriteConnection()  # type: ignore[attr-defined]
 
 
+class _OneProtocol(Factory):
+    """Hands out one protocol without pointing it back at the factory."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
 class _NoneFactory(Factory):
     def buildProtocol(self, addr: Any) -> None:  # type: ignore[override]
         return None
@@ -74,6 +88,51 @@ class TestDirectTCPEndpoint:
             await recorder.lost
             assert recorder.data == b"hello"
             assert recorder.events == ["made", "eof", "lost"]
+        finally:
+            await port.stopListening()
+
+    @pytest_twisted.ensureDeferred
+    async def test_connected_transport_lets_the_attempt_go(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once connected, nothing of the attempt stays alive (connector, factory,
+        Deferred, the caller's factory); Twisted still reports the connection's
+        end to the stand-in connector, and to nothing else of ours.
+
+        Guards a Twisted private detail: ``tcp.Client.connectionLost`` calls
+        ``self.connector.connectionLost`` and uses the connector for nothing
+        else once connected. If Twisted changes that, this fails.
+        """
+        told: list[object] = []
+        monkeypatch.setattr(
+            connector_module._Connected,
+            "connectionLost",
+            lambda self, reason: told.append(reason),
+        )
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(_SendThenHalfClose), interface="127.0.0.1"
+        )
+        try:
+            recorder = _Recorder()
+            factory = _OneProtocol(recorder)
+            endpoint = DirectTCPEndpoint(reactor, "127.0.0.1", port.getHost().port)
+            connecting = endpoint.connect(factory)
+            connected = await connecting
+            assert connected is recorder
+            transport: Any = recorder.transport
+            assert transport.connector is connector_module._CONNECTED
+            gone = weakref.ref(factory)
+            del factory, connecting, connected
+            # (The await resumed inside the transport's connect call: let it return.)
+            await task.deferLater(reactor, 0, lambda: None)
+            # Freed at once, without waiting for the garbage collector: no
+            # reference cycle is left between the connector and the factory.
+            assert gone() is None  # nothing of the attempt holds the caller's factory
+            await recorder.lost
+            assert recorder.events == ["made", "eof", "lost"]
+            # The transport tells its connector right after the protocol.
+            await task.deferLater(reactor, 0, lambda: None)
+            assert len(told) == 1
         finally:
             await port.stopListening()
 

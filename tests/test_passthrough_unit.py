@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 from structlog.testing import capture_logs
 
+from l4lb.timers import queue_for
 from l4lb.tls.passthrough import SniRouter
 from tests.fakes import Harness
 from tests.test_clienthello import python_hello, record
@@ -65,8 +66,11 @@ class TestReading:
         client.dataReceived(HELLO)
         h.complete()
         # Only the session's own timer (idle / half-closed checks) is left.
+        # (Session timers share one DelayedCall per clock: l4lb.timers.)
         [timer] = h.clock.getDelayedCalls()
-        assert timer.func == client.session._on_timer
+        timers = queue_for(h.clock)
+        assert timer.func == timers._fire
+        assert timers.live == 1 and client.session._timer is not None
 
 
 class TestTimeout:

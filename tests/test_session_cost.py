@@ -16,10 +16,12 @@ import pytest_twisted
 import structlog
 from twisted.internet import defer, reactor
 
+from l4lb import connector
 from l4lb.config import PoolConfig, ServerAddress, ServerConfig
 from l4lb.logs import configure_logging
 from l4lb.pool import Pool
 from l4lb.proxy import Session
+from l4lb.timers import queue_for
 from tests.fakes import Harness
 from tests.loopback import Lab
 
@@ -179,3 +181,39 @@ class TestTunedListener:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         client.transport.loseConnection()
         await lab.until(lambda: not lb.frontend.sessions, what="session over")
+
+
+class TestIdleFootprint:
+    """What an idle proxied connection keeps alive (docs/perf-notes/memory.md)."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_idle_session_keeps_no_extras(self, lab: Lab) -> None:
+        """No connect attempt, no DelayedCall of its own, no protocol dicts, no
+        log-field dict; backend transports share one log prefix string."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address})
+        timers = queue_for(reactor)
+        live_before = timers.live
+        clients = [await lab.connect(lb.port) for _ in range(2)]
+        await lab.until(
+            lambda: (
+                len(lb.frontend.sessions) == 2
+                and all(s.server is not None for s in lb.frontend.sessions)
+            ),
+            what="two sessions connected",
+        )
+        sessions = list(lb.frontend.sessions)
+        assert timers.live == live_before + 2  # entries, not DelayedCalls
+        for session in sessions:
+            assert not hasattr(session.client, "__dict__")
+            assert not hasattr(session.server, "__dict__")
+            assert session._log_fields is None
+            assert session.server.transport.connector is connector._CONNECTED
+        first, second = (s.server.transport for s in sessions)
+        assert first.logstr == "ServerProtocol,client"
+        assert first.logstr is second.logstr
+        assert sessions[0].client_address == sessions[0].client.transport.getPeer()
+        for client in clients:
+            client.transport.loseConnection()
+        await lab.until(lambda: not lb.frontend.sessions, what="sessions over")
+        assert timers.live == live_before
