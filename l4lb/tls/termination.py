@@ -52,7 +52,7 @@ from l4lb.tls.certificates import (
     load_certificate,
     select_certificate,
 )
-from l4lb.tls.fastbio import TerminatingTLSFactory
+from l4lb.tls.fastbio import TerminatingTLSFactory, TerminatingTLSProtocol
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
@@ -309,7 +309,19 @@ class TLSClientProtocol(ClientProtocol):
             connection_fields(self.transport.getHandle())  # type: ignore[attr-defined]
         )
         self.transport.pauseProducing()  # read no more until a server is connected
-        self.session.connect_now()
+        if not isinstance(self.transport, TerminatingTLSProtocol):
+            self.session.connect_now()
+        # else: TerminatingTLSProtocol reads once more, then handshakeSettled.
+
+    def handshakeSettled(self) -> None:
+        """The rest of the client's handshake flight is read: connect, unless it left.
+
+        A client that closed straight after its handshake (close_notify with
+        the Finished or in the next read) never reaches a server; its
+        ``connectionLost`` follows, and this is not called.
+        """
+        if not self.session._client_gone:
+            self.session.connect_now()
 
     def dataReceived(self, data: bytes) -> None:
         if self.session.server is None:
