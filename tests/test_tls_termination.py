@@ -8,6 +8,7 @@ come from `tests.tls_material`, generated for this run.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -171,6 +172,47 @@ def s_client(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedP
     )
 
 
+def handshake_then_leave(port: int, ca: str, how: str) -> bytes:
+    """Blocking: a full TLS 1.3 handshake, then leave with the Finished.
+
+    The client's Finished goes out in the same TCP segment as its close:
+    ``close_notify`` (one write of both records) or ``fin`` (TCP_CORK holds
+    the Finished until ``shutdown`` adds the FIN to it), so l4lb sees both in
+    the read that finishes the handshake, or the read right after it.
+    Returns what the server sent after the handshake (until it closed).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                assert data, "l4lb closed during the handshake"
+                incoming.write(data)
+        finished = outgoing.read()
+        if how == "close_notify":
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.unwrap()
+            raw.sendall(finished + outgoing.read())
+        else:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            raw.sendall(finished)
+            raw.shutdown(socket.SHUT_WR)
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := raw.recv(65536):
+                rest += chunk
+        return rest
+
+
 def der(issued: Issued) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -286,6 +328,49 @@ class TestTermination:
 
 
 @needs_openssl
+class TestClientLeavesAfterHandshake:
+    @pytest.mark.parametrize("how", ["close_notify", "fin"])
+    @pytest_twisted.ensureDeferred
+    async def test_no_server_connection(self, lab: Lab, pki: PKI, how: str) -> None:
+        """A client that closes with its Finished never reaches a server (as HAProxy)."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
+        with capture_logs() as logs:
+            await threads.deferToThread(handshake_then_leave, lb.port, pki.ca_path, how)
+            await drained(lab, lb)
+        (line,) = closed_lines(logs)
+        assert line["reason"] == "client closed"
+        assert line["server"] is None
+        assert line["tls_version"] == "TLSv1.3"
+        assert backend.peers == []
+        assert lb.service.cap.live == 0
+
+    @needs_openssl
+    @pytest_twisted.ensureDeferred
+    async def test_s_time_new(self, lab: Lab, pki: PKI) -> None:
+        """``openssl s_time -new`` handshakes all succeed; few or none reach a server."""
+        assert OPENSSL is not None
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
+        address = f"127.0.0.1:{lb.port}"
+        with capture_logs() as logs:
+            result = await threads.deferToThread(
+                subprocess.run,
+                [OPENSSL, "s_time", "-new", "-time", "1", "-connect", address],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            await drained(lab, lb)
+        assert result.returncode == 0, result.stderr
+        lines = closed_lines(logs)
+        assert lines
+        assert all(line["reason"] == "client closed" for line in lines)
+        assert all(line["tls_version"] == "TLSv1.3" for line in lines)
+        # Timing decides for each one; s_time closes right behind its Finished.
+        assert len(backend.peers) <= len(lines)
+
+
 class TestOpenSSLClient:
     @pytest.mark.parametrize(
         ("flag", "protocol"), [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")]

@@ -125,10 +125,14 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
         settled = getattr(self.wrappedProtocol, "handshakeSettled", None)
         if settled is None:
             return
-        if self._tcp and not self._lostTLSConnection and not self.disconnecting:
-            if not self._read_now():
-                self._tlsShutdownFinished(None)  # the transport's reason follows
-                return
+        if (
+            self._tcp
+            and not self._lostTLSConnection
+            and not self.disconnecting
+            and not self._read_now()
+        ):
+            self._tlsShutdownFinished(None)  # it left; the transport's reason follows
+            return
         if not self._lostTLSConnection and not self._aborted:
             settled()
 
