@@ -61,7 +61,8 @@ class Pair:
     """A server `TerminatingTLSProtocol` on a StringTransport, and a client.
 
     ``first`` is sent by the client with its Finished (one server read),
-    followed by a close_notify with ``close``.
+    followed by a close_notify with ``close``; ``complete``: whether the
+    server is expected to finish the handshake.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Pair:
         app: Collector | None = None,
         first: bytes = b"",
         close: bool = False,
+        complete: bool = True,
     ) -> None:
         self.app = app if app is not None else Collector()
         factory = server_tls.wrap(Factory.forProtocol(lambda: self.app))
@@ -91,7 +93,7 @@ class Pair:
                         self.client.shutdown()
             self.to_server()
             self.to_client()
-        assert self.server._handshakeDone
+        assert self.server._handshakeDone == complete
 
     def to_server(self) -> None:
         """Everything the client has queued, in one server read."""
@@ -205,6 +207,18 @@ class TestSettled:
         assert app.events == [b"bye"]
         assert pair.server._lostTLSConnection
         assert pair.wire.disconnecting
+
+    def test_client_reset_before_its_finished_is_read(
+        self, server_tls: ServerTLS, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reset pending with the client's Finished: dropped, not processed."""
+        monkeypatch.setattr(
+            fastbio.TerminatingTLSProtocol, "_reset_by_peer", lambda self: True
+        )
+        app = Settling()
+        pair = Pair(server_tls, app, first=b"hello", complete=False)
+        assert app.events == []
+        assert pair.wire.disconnected  # aborted
 
     def test_other_applications_are_not_asked(self, server_tls: ServerTLS) -> None:
         """An application without ``handshakeSettled`` sees Twisted's behaviour."""

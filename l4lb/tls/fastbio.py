@@ -79,6 +79,7 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
     """Twisted's TLS protocol with cheaper connection setup, writes and reads."""
 
     _tcp = False  # over a Twisted TCP transport: direct socket reads and writes
+    _hello_read = False  # the first handshake bytes (ClientHello) were read
 
     def makeConnection(self, transport: Any) -> None:
         self._tlsConnection = self.factory._creatorCallable(self)
@@ -105,6 +106,14 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
         if self._handshakeDone:
             super().dataReceived(data)
             return
+        if self._hello_read and self._reset_by_peer():
+            # The client reset while we waited for the rest of its handshake
+            # (its Finished may be in ``data``): nobody is there to finish it,
+            # send tickets to, or connect a server for. HAProxy likewise
+            # checks the socket's error before it goes on with a handshake.
+            self.transport.abortConnection()
+            return
+        self._hello_read = True
         super().dataReceived(data)
         if self._handshakeDone:  # this read finished the handshake
             self._handshake_settled()
@@ -135,6 +144,21 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
             return
         if not self._lostTLSConnection and not self._aborted:
             settled()
+
+    def _reset_by_peer(self) -> bool:
+        """Whether the TCP socket has a pending error (the client reset it).
+
+        One ``getsockopt`` per read during the handshake after the first (so
+        usually one per connection): the kernel hands out queued bytes before
+        a pending error, so a read alone does not tell.
+        """
+        if not self._tcp:
+            return False
+        transport: Any = self.transport
+        try:
+            return bool(transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except OSError:
+            return True
 
     def _read_now(self) -> bool:
         """Read what the client has sent already, if anything; False: it has left.
