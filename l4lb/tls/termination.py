@@ -308,19 +308,22 @@ class TLSClientProtocol(ClientProtocol):
         self.session.log_fields.update(
             connection_fields(self.transport.getHandle())  # type: ignore[attr-defined]
         )
-        self.transport.pauseProducing()  # read no more until a server is connected
         if not isinstance(self.transport, TerminatingTLSProtocol):
-            self.session.connect_now()
-        # else: TerminatingTLSProtocol reads once more, then handshakeSettled.
+            self.handshakeSettled()
+        # else: TerminatingTLSProtocol reads once more, then handshakeSettled
+        # (in this same call: nothing else reads in between).
 
     def handshakeSettled(self) -> None:
         """The rest of the client's handshake flight is read: connect, unless it left.
 
-        A client that closed straight after its handshake (close_notify with
-        the Finished or in the next read) never reaches a server; its
-        ``connectionLost`` follows, and this is not called.
+        A client that closed straight after its handshake (close_notify,
+        FIN or reset with the Finished or in the next read) never reaches a
+        server: TerminatingTLSProtocol does not call this then, and the
+        session ends in ``connectionLost``. Pausing only here spares such a
+        client two ``epoll_ctl`` calls.
         """
         if not self.session._client_gone:
+            self.transport.pauseProducing()  # read no more until a server is connected
             self.session.connect_now()
 
     def dataReceived(self, data: bytes) -> None:
