@@ -42,11 +42,38 @@ class Collector(Protocol):
         self.lost = reason
 
 
-class Pair:
-    """A server `TerminatingTLSProtocol` on a StringTransport, and a client."""
+class Settling(Collector):
+    """A `Collector` that wants ``handshakeSettled`` (as `TLSClientProtocol` does)."""
 
-    def __init__(self, server_tls: ServerTLS) -> None:
-        self.app = Collector()
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[object] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.events.append(data)
+
+    def handshakeSettled(self) -> None:
+        self.events.append("settled")
+
+
+class Pair:
+    """A server `TerminatingTLSProtocol` on a StringTransport, and a client.
+
+    ``first`` is sent by the client with its Finished (one server read),
+    followed by a close_notify with ``close``; ``complete``: whether the
+    server is expected to finish the handshake.
+    """
+
+    def __init__(
+        self,
+        server_tls: ServerTLS,
+        app: Collector | None = None,
+        first: bytes = b"",
+        close: bool = False,
+        complete: bool = True,
+    ) -> None:
+        self.app = app if app is not None else Collector()
         factory = server_tls.wrap(Factory.forProtocol(lambda: self.app))
         self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.wire = StringTransport()
@@ -54,12 +81,19 @@ class Pair:
         client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         self.client = SSL.Connection(client_context, None)
         self.client.set_connect_state()
+        done = False
         for _ in range(4):
-            with contextlib.suppress(SSL.WantReadError):
-                self.client.do_handshake()
+            if not done:
+                with contextlib.suppress(SSL.WantReadError):
+                    self.client.do_handshake()
+                    done = True
+                    if first:
+                        self.client_sends(first)
+                    if close:
+                        self.client.shutdown()
             self.to_server()
             self.to_client()
-        assert self.server._handshakeDone
+        assert self.server._handshakeDone == complete
 
     def to_server(self) -> None:
         """Everything the client has queued, in one server read."""
@@ -143,6 +177,54 @@ class TestReceive:
         assert pair.app.chunks == []
         assert pair.server._lostTLSConnection
         assert isinstance(pair.server._reason.value, SSL.Error)
+
+
+class TestSettled:
+    """``handshakeSettled``: the application hears of the handshake after its read."""
+
+    def test_called_once_after_the_bytes_of_the_same_read(
+        self, server_tls: ServerTLS, read_path: str
+    ) -> None:
+        """Bytes sent with the Finished are delivered first, then settled, once."""
+        app = Settling()
+        pair = Pair(server_tls, app, first=b"hello")
+        assert app.events == [b"hello", "settled"]
+        pair.client_sends(b"more")
+        pair.to_server()
+        assert app.events == [b"hello", "settled", b"more"]
+
+    def test_called_without_bytes(self, server_tls: ServerTLS) -> None:
+        app = Settling()
+        Pair(server_tls, app)
+        assert app.events == ["settled"]
+
+    def test_not_called_when_the_client_closed_with_its_finished(
+        self, server_tls: ServerTLS, read_path: str
+    ) -> None:
+        """close_notify in the read that finished the handshake: no settled, TLS closes."""
+        app = Settling()
+        pair = Pair(server_tls, app, first=b"bye", close=True)
+        assert app.events == [b"bye"]
+        assert pair.server._lostTLSConnection
+        assert pair.wire.disconnecting
+
+    def test_client_reset_before_its_finished_is_read(
+        self, server_tls: ServerTLS, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reset pending with the client's Finished: dropped, not processed."""
+        monkeypatch.setattr(
+            fastbio.TerminatingTLSProtocol, "_reset_by_peer", lambda self: True
+        )
+        app = Settling()
+        pair = Pair(server_tls, app, first=b"hello", complete=False)
+        assert app.events == []
+        assert pair.wire.disconnected  # aborted
+
+    def test_other_applications_are_not_asked(self, server_tls: ServerTLS) -> None:
+        """An application without ``handshakeSettled`` sees Twisted's behaviour."""
+        pair = Pair(server_tls, first=b"hi")
+        assert pair.app.chunks == [b"hi"]
+        assert not pair.wire.disconnecting
 
 
 class TestSend:

@@ -8,9 +8,11 @@ come from `tests.tls_material`, generated for this run.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,6 +173,63 @@ def s_client(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedP
     )
 
 
+class Leaving:
+    """A TLS 1.3 client that holds back its Finished, then sends it and leaves.
+
+    `handshake` (blocking, in a thread) runs the handshake up to the client's
+    Finished. `leave` runs in the reactor thread, so l4lb cannot read between
+    the Finished and the close: both are in its socket at its next read. The
+    close is a ``close_notify`` (one write with the Finished), a ``fin`` or a
+    ``reset`` (SO_LINGER 0, as ``openssl s_time`` closes).
+    """
+
+    def __init__(self, port: int, ca: str) -> None:
+        self.port = port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False
+        self.context.load_verify_locations(ca)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.context.wrap_bio(self.incoming, self.outgoing)
+        self.raw: socket.socket | None = None
+        self.finished = b""
+
+    def handshake(self) -> None:
+        self.raw = raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self.outgoing.pending:
+                    raw.sendall(self.outgoing.read())
+                data = raw.recv(65536)
+                assert data, "l4lb closed during the handshake"
+                self.incoming.write(data)
+        self.finished = self.outgoing.read()
+
+    def leave(self, how: str) -> None:
+        raw = self.raw
+        assert raw is not None
+        if how == "close_notify":
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.unwrap()
+            raw.sendall(self.finished + self.outgoing.read())
+        elif how == "fin":
+            raw.sendall(self.finished)
+            raw.shutdown(socket.SHUT_WR)
+        else:
+            raw.sendall(self.finished)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+
+    def drain(self) -> None:
+        """Blocking: read until l4lb closes, then close."""
+        assert self.raw is not None
+        with self.raw, contextlib.suppress(OSError):
+            while self.raw.recv(65536):
+                pass
+
+
 def der(issued: Issued) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -286,6 +345,59 @@ class TestTermination:
 
 
 @needs_openssl
+class TestClientLeavesAfterHandshake:
+    @pytest.mark.parametrize("how", ["close_notify", "fin", "reset"])
+    @pytest_twisted.ensureDeferred
+    async def test_no_server_connection(self, lab: Lab, pki: PKI, how: str) -> None:
+        """A client that leaves with its Finished never reaches a server (as HAProxy)."""
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
+        client = Leaving(lb.port, pki.ca_path)
+        with capture_logs() as logs:
+            await threads.deferToThread(client.handshake)
+            client.leave(how)  # in the reactor thread: l4lb reads both at once
+            if how != "reset":
+                await threads.deferToThread(client.drain)
+            await drained(lab, lb)
+        (line,) = closed_lines(logs)
+        assert line["server"] is None
+        if how == "reset":  # the Finished is not even processed
+            assert line["reason"] == "handshake failed"
+            assert line["detail"] == "client closed the connection"
+        else:
+            assert line["reason"] == "client closed"
+            assert line["tls_version"] == "TLSv1.3"
+        assert backend.peers == []
+        assert lb.service.cap.live == 0
+
+    @needs_openssl
+    @pytest_twisted.ensureDeferred
+    async def test_s_time_new(self, lab: Lab, pki: PKI) -> None:
+        """``openssl s_time -new`` handshakes all succeed; few or none reach a server."""
+        assert OPENSSL is not None
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address}, frontend=tls_table(pki))
+        address = f"127.0.0.1:{lb.port}"
+        with capture_logs() as logs:
+            result = await threads.deferToThread(
+                subprocess.run,
+                [OPENSSL, "s_time", "-new", "-time", "1", "-connect", address],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            await drained(lab, lb)
+        assert result.returncode == 0, result.stderr
+        lines = closed_lines(logs)
+        assert lines
+        # s_time resets right behind its Finished: "handshake failed" when l4lb
+        # saw the reset before the Finished, else "client closed".
+        reasons = {line["reason"] for line in lines}
+        assert reasons <= {"client closed", "handshake failed"}, reasons
+        # Timing decides for each one; s_time closes right behind its Finished.
+        assert len(backend.peers) <= len(lines)
+
+
 class TestOpenSSLClient:
     @pytest.mark.parametrize(
         ("flag", "protocol"), [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")]

@@ -79,6 +79,7 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
     """Twisted's TLS protocol with cheaper connection setup, writes and reads."""
 
     _tcp = False  # over a Twisted TCP transport: direct socket reads and writes
+    _hello_read = False  # the first handshake bytes (ClientHello) were read
 
     def makeConnection(self, transport: Any) -> None:
         self._tlsConnection = self.factory._creatorCallable(self)
@@ -101,20 +102,82 @@ class TerminatingTLSProtocol(TLSMemoryBIOProtocol):
         if self._tcp and not self._handshakeDone and not self.disconnecting:
             self._read_now()
 
-    def _read_now(self) -> None:
-        """Read what the client has sent already (its ClientHello), if anything.
+    def dataReceived(self, data: bytes) -> None:
+        if self._handshakeDone:
+            super().dataReceived(data)
+            return
+        if self._hello_read and self._reset_by_peer():
+            # The client reset while we waited for the rest of its handshake
+            # (its Finished may be in ``data``): nobody is there to finish it,
+            # send tickets to, or connect a server for. HAProxy likewise
+            # checks the socket's error before it goes on with a handshake.
+            self.transport.abortConnection()
+            return
+        self._hello_read = True
+        super().dataReceived(data)
+        if self._handshakeDone:  # this read finished the handshake
+            self._handshake_settled()
 
-        Errors and end of stream are left where they are: the reactor finds
-        them on its next turn and closes the connection as usual.
+    def _handshake_settled(self) -> None:
+        """The handshake is done: read once more, then tell the application.
+
+        A client's first bytes, or its close, usually follow its Finished at
+        once. Reading them before the application acts lets it see a client
+        that has already left (a TLS health check, a scanner, ``openssl
+        s_time``) before it opens a server connection for it, as HAProxy
+        does. Only for an application that implements ``handshakeSettled()``
+        (`TLSClientProtocol`): it is called unless the client has gone, and a
+        client that closed (FIN: TLS has no half-close) or reset is closed
+        here, so its ``connectionLost`` follows instead. Others keep
+        Twisted's behaviour.
+        """
+        settled = getattr(self.wrappedProtocol, "handshakeSettled", None)
+        if settled is None:
+            return
+        if (
+            self._tcp
+            and not self._lostTLSConnection
+            and not self.disconnecting
+            and not self._read_now()
+        ):
+            self._tlsShutdownFinished(None)  # it left; the transport's reason follows
+            return
+        if not self._lostTLSConnection and not self._aborted:
+            settled()
+
+    def _reset_by_peer(self) -> bool:
+        """Whether the TCP socket has a pending error (the client reset it).
+
+        One ``getsockopt`` per read during the handshake after the first (so
+        usually one per connection): the kernel hands out queued bytes before
+        a pending error, so a read alone does not tell.
+        """
+        if not self._tcp:
+            return False
+        transport: Any = self.transport
+        try:
+            return bool(transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except OSError:
+            return True
+
+    def _read_now(self) -> bool:
+        """Read what the client has sent already, if anything; False: it has left.
+
+        At accept (the ClientHello) the caller ignores an end of stream or an
+        error: the reactor finds them on its next turn and closes the
+        connection as usual.
         """
         transport: Any = self.transport
         try:
             data = transport.socket.recv(transport.bufferSize, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing yet
         except OSError:
-            return  # nothing yet (EAGAIN), or an error the next read reports
+            return False  # reset
         if data:
             self.dataReceived(data)
-        # b"": the peer closed; the end of stream stays for the reactor.
+            return True
+        return False  # end of stream
 
     def _send(self, data: bytes) -> None:
         """Write to the socket now if nothing is buffered; buffer the rest."""

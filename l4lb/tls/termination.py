@@ -52,7 +52,7 @@ from l4lb.tls.certificates import (
     load_certificate,
     select_certificate,
 )
-from l4lb.tls.fastbio import TerminatingTLSFactory
+from l4lb.tls.fastbio import TerminatingTLSFactory, TerminatingTLSProtocol
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
@@ -308,8 +308,23 @@ class TLSClientProtocol(ClientProtocol):
         self.session.log_fields.update(
             connection_fields(self.transport.getHandle())  # type: ignore[attr-defined]
         )
-        self.transport.pauseProducing()  # read no more until a server is connected
-        self.session.connect_now()
+        if not isinstance(self.transport, TerminatingTLSProtocol):
+            self.handshakeSettled()
+        # else: TerminatingTLSProtocol reads once more, then handshakeSettled
+        # (in this same call: nothing else reads in between).
+
+    def handshakeSettled(self) -> None:
+        """The rest of the client's handshake flight is read: connect, unless it left.
+
+        A client that closed straight after its handshake (close_notify,
+        FIN or reset with the Finished or in the next read) never reaches a
+        server: TerminatingTLSProtocol does not call this then, and the
+        session ends in ``connectionLost``. Pausing only here spares such a
+        client two ``epoll_ctl`` calls.
+        """
+        if not self.session._client_gone:
+            self.transport.pauseProducing()  # read no more until a server is connected
+            self.session.connect_now()
 
     def dataReceived(self, data: bytes) -> None:
         if self.session.server is None:
