@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet import base
+from twisted.internet import abstract, base
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 
@@ -115,21 +116,57 @@ class TestMainLoop:
             assert timeouts == sorted(timeouts, reverse=True)
 
     def test_call_from_thread_wakes_a_blocked_loop(self, reactor: Any) -> None:
-        """No timer is due (only the safety timer, 30 s away): a thread's call
-        must wake the poll and run at once."""
+        """The loop is blocked in a long poll (only the safety timer, 30 s
+        away): a thread's call must wake it and run at once."""
         ran: list[str] = []
+        blocked = threading.Event()
+        poll = reactor.doIteration
+
+        def watched(timeout: float | None) -> None:
+            if timeout is None or timeout > 1:
+                blocked.set()  # about to block: no timer work left
+            poll(timeout)
+
+        reactor.doIteration = watched
 
         def in_thread() -> None:
+            assert blocked.wait(SAFETY)
             reactor.callFromThread(ran.append, threading.current_thread().name)
             reactor.callFromThread(reactor.stop)
 
-        def started() -> None:
-            threading.Thread(target=in_thread, name="helper").start()
-
-        reactor.callWhenRunning(started)
+        thread = threading.Thread(target=in_thread, name="helper")
+        reactor.callWhenRunning(thread.start)
         began = time.monotonic()
         assert run(reactor)
+        thread.join()
         assert ran == ["helper"]
+        assert time.monotonic() - began < SAFETY / 2
+
+    def test_stop_from_an_event_handler(self, reactor: Any) -> None:
+        """stop() called while handling I/O (not from a timer or a thread
+        call): the next pass must fire the shutdown triggers at once."""
+        a, b = socket.socketpair()
+        stopped: list[str] = []
+
+        class Stopper(abstract.FileDescriptor):
+            def fileno(self) -> int:
+                return b.fileno()
+
+            def doRead(self) -> None:
+                b.recv(10)
+                reactor.removeReader(self)
+                reactor.stop()
+
+        reactor.addSystemEventTrigger("before", "shutdown", stopped.append, "yes")
+        reactor.addReader(Stopper(reactor))
+        reactor.callWhenRunning(a.send, b"x")
+        began = time.monotonic()
+        try:
+            assert run(reactor)
+        finally:
+            a.close()
+            b.close()
+        assert stopped == ["yes"]
         assert time.monotonic() - began < SAFETY / 2
 
     def test_error_in_a_pass_is_logged_and_the_loop_goes_on(self, reactor: Any) -> None:
@@ -161,24 +198,43 @@ class TestMainLoop:
         assert errors[0]["log_failure"].check(RuntimeError)
 
     def test_cancelled_timers_are_compacted(self, reactor: Any) -> None:
-        """Many cancelled timers make Twisted rebuild its heap, as before."""
+        """Timers cancelled while handling I/O: the next pass lets Twisted
+        rebuild its heap, as its own loop does."""
         timers = [reactor.callLater(1000 + i, lambda: None) for i in range(200)]
+        a, b = socket.socketpair()
+        cancelled: list[bool] = []
         sizes: list[int] = []
+        poll = reactor.doIteration
 
-        def cancel() -> None:
-            for timer in timers[:150]:
-                timer.cancel()
-            reactor.callLater(0, measure)
+        class Canceller(abstract.FileDescriptor):
+            def fileno(self) -> int:
+                return b.fileno()
 
-        def measure() -> None:
-            sizes.append(len(reactor._pendingTimedCalls))
+            def doRead(self) -> None:
+                b.recv(10)
+                reactor.removeReader(self)
+                for timer in timers[:150]:
+                    timer.cancel()
+                cancelled.append(True)
+
+        def watched(timeout: float | None) -> None:
+            if cancelled and not sizes:
+                sizes.append(len(reactor._pendingTimedCalls))
+                reactor.stop()
+                timeout = 0
+            poll(timeout)
+
+        reactor.doIteration = watched
+        reactor.addReader(Canceller(reactor))
+        reactor.callWhenRunning(a.send, b"x")
+        try:
+            assert run(reactor)
+        finally:
+            a.close()
+            b.close()
             for timer in timers[150:]:
                 timer.cancel()
-            reactor.stop()
-
-        reactor.callLater(0, cancel)
-        assert run(reactor)
-        assert sizes and sizes[0] <= 52  # 50 left, plus the safety timer and measure
+        assert sizes == [51]  # 50 timers left and the safety timer
 
     def test_crash_leaves_the_loop(self, reactor: Any) -> None:
         reactor.callLater(0, reactor.crash)
