@@ -10,7 +10,7 @@ import structlog
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from l4lb import fastpoll
+from l4lb import fastpoll, runloop
 from l4lb.config import Config, ConfigError, Problem, load_config, parse_config
 from l4lb.demo import DemoBackends
 from l4lb.logs import TwistedBridge, configure_logging
@@ -106,6 +106,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     service = L4LBService(config, reactor, log_observer=observer)
     if getattr(options, "parent", None) is not None:  # under twistd, not in tests
         fastpoll.install(reactor)
+        runloop.install(reactor)
         service.install_second_signal()
         service.install_reload_signal()
     if demo is not None:

@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
 
-from l4lb import fastpoll
+from l4lb import fastpoll, runloop
 from l4lb.config import ConfigError, load_config
 from l4lb.logs import TwistedBridge, configure_logging
 from l4lb.pool import Pool, ServerState
@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     service.install_second_signal()
     service.install_reload_signal()
     fastpoll.install(reactor)
+    runloop.install(reactor)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
