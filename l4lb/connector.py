@@ -210,10 +210,14 @@ class _Direct(ClientFactory):
         self._on_failed = None  # from now on, connectionLost tells the protocol
         protocol = self._protocol
         transport.protocol = protocol  # the transport's events now go straight there
+        # As in `_Handoff`: the connector and this attempt are freed now.
+        transport.connector = _CONNECTED
+        self.connector = None
         protocol.makeConnection(transport)
         self._on_connected()
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.connector = None  # no cycle left for the garbage collector
         on_failed, self._on_failed = self._on_failed, None
         if on_failed is not None:
             on_failed(reason.value)
