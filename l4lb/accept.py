@@ -32,6 +32,10 @@ from twisted.python import log
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
+# The transport `Port.doRead` is handing to its protocol, until it starts
+# reading (None once the protocol stopped reading during makeConnection).
+_unstarted: Server | None = None
+
 
 class Server(tcp.Server):
     """``tcp.Server`` with its log strings made on demand, closed without ``shutdown``."""
@@ -54,8 +58,24 @@ class Server(tcp.Server):
         self.client = client
         self.sessionno = sessionno
         self.hostname = client[0]
-        self.startReading()
         self.connected = 1
+        # Reading starts after makeConnection (`Port.doRead`) unless the
+        # protocol stopped it: see `stopReading`.
+
+    def stopReading(self) -> None:
+        """Twisted's; also cancels the start of reading `Port.doRead` would make.
+
+        ``tcp.Server`` starts reading before ``makeConnection``; a protocol that
+        pauses its client at once (l4lb's session, when the client's bytes
+        already wait for a backend) then costs an epoll register and an
+        unregister for nothing. `Server` starts reading after
+        ``makeConnection`` instead, unless the protocol stopped reading (or
+        closed) meanwhile: the state is the same as with Twisted's order.
+        """
+        global _unstarted
+        if self is _unstarted:
+            _unstarted = None
+        super().stopReading()
 
     @property  # type: ignore[override]
     def logstr(self) -> str:
@@ -88,6 +108,7 @@ class Port(tcp.Port):
     transport = Server
 
     def doRead(self) -> None:
+        global _unstarted
         listener = self.socket
         accept = listener._accept
         family, kind, proto = int(listener.family), int(listener.type), listener.proto
@@ -120,9 +141,14 @@ class Port(tcp.Port):
                     continue
                 s = self.sessionno
                 self.sessionno = s + 1
-                protocol.makeConnection(
-                    self.transport(skt, protocol, addr, self, s, reactor)
-                )
+                transport = self.transport(skt, protocol, addr, self, s, reactor)
+                _unstarted = transport
+                try:
+                    protocol.makeConnection(transport)
+                finally:
+                    if _unstarted is transport:
+                        _unstarted = None
+                        transport.startReading()
             if accepted == limit:
                 self.numberAccepts = limit + 20
             else:

@@ -14,9 +14,12 @@ as the caller says with ``pending``. Otherwise they call Twisted's own method.
 - The half-close happens at once: ``shutdown(SHUT_WR)`` and the protocol's
   ``writeConnectionLost``, as Twisted's ``doWrite`` would do it.
 - The close stops reading at once (as Twisted does) and happens after the
-  current batch of events: `drain` calls the reactor's
-  ``_disconnectSelectable`` exactly as it would after ``doWrite`` returned
-  ``CONNECTION_DONE``. Closing from inside the caller would call the
+  current batch of events: `drain` does what the reactor's
+  ``_disconnectSelectable`` does after ``doWrite`` returned
+  ``CONNECTION_DONE`` (``removeReader``, ``removeWriter``, then
+  ``connectionLost`` with a ``ConnectionDone`` failure), in one call:
+  ``connectionLost`` itself stops reading and writing, so the two removes are
+  repeats, and the failure it gets answers ``check`` from a cache (`_Done`). Closing from inside the caller would call the
   protocol's ``connectionLost`` (and so the session's) from inside the
   session's own callbacks. `l4lb.fastpoll` drains the queue after its event
   loop (and before polling, for closes asked by timers); other reactors get
@@ -25,7 +28,8 @@ as the caller says with ``pending``. Otherwise they call Twisted's own method.
 Relies on Twisted internals (``FileDescriptor.disconnecting``,
 ``_writeDisconnecting``/``_writeDisconnected``, ``dataBuffer``/``offset``/
 ``_tempDataLen``, ``_aborting``, ``tcp.Connection._closeWriteConnection``,
-``PosixReactorBase._disconnectSelectable``);
+``PosixReactorBase._disconnectSelectable``'s steps,
+``FileDescriptor.connectionLost`` stopping reading and writing);
 ``tests/test_closing.py`` fails loudly if any of them changes.
 """
 
@@ -33,8 +37,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import main, tcp
-from twisted.python import log
+from twisted.internet import error, main, tcp
+from twisted.python import failure, log
+
+
+class _Done(failure.Failure):
+    """The ``ConnectionDone`` failure handed to closed transports, ``check`` cached.
+
+    ``tcp.Connection.connectionLost`` asks ``reason.check(ConnectionAborted)``
+    on every close, and ``Failure.check`` qualifies the class name each time
+    (five Python calls). The answer depends only on the arguments and the
+    failure's type, which never changes; one instance is shared, as the
+    reactor shares its own ``ConnectionDone`` failure.
+    """
+
+    def __init__(self, exc_value: BaseException) -> None:
+        super().__init__(exc_value)
+        self._checked: dict[tuple[Any, ...], Any] = {}
+
+    def check(self, *errorTypes: Any) -> Any:
+        """``Failure.check``, remembered per argument tuple."""
+        checked = self._checked
+        try:
+            return checked[errorTypes]
+        except KeyError:
+            result = checked[errorTypes] = super().check(*errorTypes)
+            return result
+        except TypeError:  # unhashable argument
+            return super().check(*errorTypes)
+
+
+# What the reactor's _disconnectSelectable hands over for CONNECTION_DONE.
+_DONE = _Done(main.CONNECTION_DONE)
+assert isinstance(main.CONNECTION_DONE, error.ConnectionDone)
 
 # Transports whose close waits for the end of the current batch of events.
 _pending: list[Any] = []
@@ -113,9 +148,9 @@ def drain() -> None:
                 transport.startWriting()  # written to since: Twisted flushes, closes
                 continue
             try:
-                transport.reactor._disconnectSelectable(
-                    transport, main.CONNECTION_DONE, False
-                )
+                # _disconnectSelectable(transport, CONNECTION_DONE, False) minus
+                # its removeReader/removeWriter, which connectionLost repeats.
+                transport.connectionLost(_DONE)
             except Exception:
                 log.err(None, f"error closing {transport!r}")
     _scheduled = False

@@ -46,7 +46,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l4lb import closing, logs
+from l4lb import accept, closing, logs
 from l4lb.hook import hook, original_do_write, unhook
 from l4lb.pool import NoServerError, Pool, ServerState
 from l4lb.splice import Splicer
@@ -70,6 +70,9 @@ EndpointForServer = Callable[[ServerState], "IStreamClientEndpoint"]
 
 # How late the session's timer may fire past a deadline rather than be replaced.
 _TIMER_SLACK = 0.01
+
+# Accepted plain TCP transports `DepartureWatch.bytes_waiting` may peek at.
+_PEEKABLE = frozenset({accept.Server, tcp.Server})
 
 # Failures of a connect attempt that are worth another server.
 _CONNECT_FAILURES = (
@@ -364,8 +367,18 @@ class Session:
         connecting.addErrback(self._connect_failed)
 
     def watch_departure(self) -> None:
-        """Read nothing until a backend is connected: watch (peek) or pause."""
+        """Read nothing until a backend is connected: watch (peek) or pause.
+
+        A client whose first bytes are already waiting (most clients speak
+        first, and the accept comes after their write) needs no watch: the
+        watch would only peek at them on its first readable event and stop
+        reading. This peeks now and stops reading at once, which saves that
+        event, the watch and its hook.
+        """
         transport = self.client.transport
+        if DepartureWatch.bytes_waiting(transport):
+            transport.pauseProducing()  # stopReading: the bytes stay in the kernel
+            return
         self._watch = DepartureWatch.start(transport, self.client_left)
         if self._watch is None:
             transport.pauseProducing()
@@ -752,16 +765,17 @@ class Session:
         """Point the one timer at the current deadline (called at phase changes)."""
         deadline = self._deadline()
         timer = self._timer
-        timers = queue_for(self.clock)
-        if timer is not None:
+        if timer is not None and deadline is not None:
             # _TIMER_SLACK: a timer reset a moment ago to (nearly) this deadline
             # lands a few microseconds after it on a real clock; that is not
             # worth a new timer.
-            at = timers.when(timer)
-            if deadline is not None and at <= deadline + _TIMER_SLACK:
-                if at < deadline:
-                    timers.postpone(timer, deadline)  # lazily, without a new entry
+            at = timer[3]  # TimerQueue.when(timer), without the call (tested)
+            if at <= deadline + _TIMER_SLACK:
+                if at < deadline:  # lazily, without a new entry
+                    queue_for(self.clock).postpone(timer, deadline)
                 return
+        timers = queue_for(self.clock)
+        if timer is not None:
             self._timer = None
             timers.cancel(timer)  # sooner: a new entry is cheaper than moving it up
         if deadline is not None and not self._finished:
@@ -934,6 +948,21 @@ class DepartureWatch:
         ):
             return None
         return cls(transport, on_left)
+
+    @staticmethod
+    def bytes_waiting(transport: ITransport) -> bool:
+        """Whether a watchable transport's client has already sent (a peek).
+
+        False for transports `start` would not watch, and when nothing is
+        waiting, the stream has ended or the peek fails: the watch then sees
+        that state on its first readable event, as before.
+        """
+        if type(transport) not in _PEEKABLE or transport.TLS:  # type: ignore[attr-defined]
+            return False
+        try:
+            return bool(transport.socket.recv(1, socket.MSG_PEEK))
+        except OSError:  # BlockingIOError most often: nothing yet
+            return False
 
     def on_read(self) -> None:
         transport: Any = self._transport

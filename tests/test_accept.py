@@ -69,6 +69,19 @@ class TestTwistedPrivateAPI:
         assert tcp.Server._shouldShutdown is True  # Twisted's default, ours differs
         assert "_shouldShutdown" in tcp._SocketCloser._closeSocket.__code__.co_names
 
+    def test_what_stops_reading_calls_stopReading(self) -> None:
+        """`accept.Server` hears of a stop or close during makeConnection
+        through its ``stopReading``: these must keep calling it."""
+        from twisted.internet import abstract
+
+        for method in (
+            abstract.FileDescriptor.pauseProducing,
+            abstract.FileDescriptor.loseConnection,
+            abstract.FileDescriptor.connectionLost,
+            tcp.Connection.abortConnection,
+        ):
+            assert "stopReading" in method.__code__.co_names, method
+
     def test_lean_only_twisted_port(self) -> None:
         class Other(tcp.Port):
             pass
@@ -124,6 +137,74 @@ class TestLeanPort:
             for peer in peers:
                 peer.close()
             await _until(lambda: all(not e.transport.connected for e in _Echo.made))
+            await port.stopListening()
+
+    @pytest_twisted.ensureDeferred
+    async def test_reading_starts_after_makeConnection_unless_stopped(self) -> None:
+        """A protocol that stops reading in connectionMade is never registered;
+        one that does nothing, or stops then resumes, or raises, reads."""
+        made: list[Any] = []
+        registered: list[Any] = []
+
+        class P(Protocol):
+            def connectionMade(self) -> None:
+                self.was_reading = self.transport in reactor.getReaders()
+                made.append(self)
+                mode = modes[len(made) - 1]
+                if mode in ("pause", "pause-resume"):
+                    self.transport.pauseProducing()
+                if mode == "pause-resume":
+                    self.transport.resumeProducing()
+                if mode == "close":
+                    self.transport.loseConnection()
+                if mode == "abort":
+                    self.transport.abortConnection()
+                if mode == "raise":
+                    raise RuntimeError("connectionMade failed")
+
+        modes = ["plain", "pause", "pause-resume", "close", "abort", "raise"]
+        port = reactor.listenTCP(0, Factory.forProtocol(P), interface="127.0.0.1")
+        assert accept.lean(port)
+        add_reader = reactor.addReader
+
+        def counting(reader: Any) -> None:
+            registered.append(reader)
+            add_reader(reader)
+
+        reactor.addReader = counting  # type: ignore[method-assign]
+        peers = []
+        try:
+            for _ in modes:
+                peers.append(
+                    socket.create_connection(("127.0.0.1", port.getHost().port))
+                )
+                n = len(peers)
+                await _until(lambda n=n: len(made) == n)  # type: ignore[misc]
+        finally:
+            reactor.addReader = add_reader  # type: ignore[method-assign]
+        try:
+            by_mode = dict(zip(modes, made, strict=True))
+            assert not any(p.was_reading for p in made)  # after makeConnection
+            readers = reactor.getReaders()
+            assert by_mode["plain"].transport in readers
+            assert by_mode["pause"].transport not in readers
+            assert by_mode["pause"].transport not in registered  # no epoll change
+            assert by_mode["pause-resume"].transport in readers
+            assert by_mode["raise"].transport in readers  # as Twisted leaves it
+            assert accept._unstarted is None
+            await _until(
+                lambda: (
+                    not by_mode["close"].transport.connected
+                    and not by_mode["abort"].transport.connected
+                )
+            )
+            assert by_mode["close"].transport not in registered
+            by_mode["pause"].transport.resumeProducing()
+            assert by_mode["pause"].transport in reactor.getReaders()
+        finally:
+            for peer in peers:
+                peer.close()
+            await _until(lambda: all(not p.transport.connected for p in made))
             await port.stopListening()
 
     @pytest_twisted.ensureDeferred

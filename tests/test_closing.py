@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import abstract, defer, error, main, posixbase, reactor, task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python import failure
 from zope.interface import implementer
 
 from l4lb import closing, fastpoll
@@ -97,6 +98,47 @@ class TestTwistedPrivateAPI:
         assert "_postLoseConnection" in names and "_closeWriteConnection" in names
         assert abstract.FileDescriptor._postLoseConnection(None) is main.CONNECTION_DONE  # type: ignore[arg-type]
 
+    def test_drain_does_what_disconnectSelectable_does(self) -> None:
+        """`drain` calls ``connectionLost`` directly: the reactor's
+        ``_disconnectSelectable`` (not after a read) only removes the reader and
+        writer first, which ``FileDescriptor.connectionLost`` does again."""
+        names = (
+            posixbase._DisconnectSelectableMixin._disconnectSelectable.__code__.co_names
+        )
+        assert {"removeReader", "removeWriter", "connectionLost"} <= set(names)
+        lost = abstract.FileDescriptor.connectionLost.__code__.co_names
+        assert "stopReading" in lost and "stopWriting" in lost
+        # tcp.Connection.connectionLost asks check() (the cached part of _Done).
+        assert "check" in tcp.Connection.connectionLost.__code__.co_names
+
+
+class TestDoneFailure:
+    """`closing._DONE` answers like the reactor's own ConnectionDone failure."""
+
+    @pytest.mark.parametrize(
+        "types",
+        [
+            (error.ConnectionAborted,),
+            (error.ConnectionDone,),
+            (error.ConnectionLost, error.ConnectionDone),
+            (Exception,),
+            ("twisted.internet.error.ConnectionDone",),
+            ("nope",),
+            (),
+        ],
+    )
+    def test_check_matches_failure(self, types: tuple[Any, ...]) -> None:
+        plain = failure.Failure(error.ConnectionDone())
+        for _ in range(2):  # computed, then cached
+            assert closing._DONE.check(*types) == plain.check(*types)
+        assert closing._DONE.type is error.ConnectionDone
+        assert isinstance(closing._DONE, failure.Failure)
+
+    def test_trap(self) -> None:
+        assert closing._DONE.trap(error.ConnectionDone) is error.ConnectionDone
+        with pytest.raises(error.ConnectionDone):  # trap re-raises the original
+            closing._DONE.trap(error.ConnectionAborted)
+
 
 class TestLoseConnection:
     @pytest_twisted.ensureDeferred
@@ -113,6 +155,9 @@ class TestLoseConnection:
         await side.lost
         assert side.reason.check(error.ConnectionDone)
         assert not closing.pending()
+        assert transport not in reactor.getWriters()
+        assert transport not in reactor.getReaders()
+        assert not transport.connected and transport.disconnected
         assert peer.recv(10) == b""  # an orderly FIN
         peer.close()
 

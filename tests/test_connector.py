@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -246,6 +247,30 @@ class TestTwistedPrivateAPI:
         assert "addr" in init_names
         # l4lb's client transports set _shouldShutdown = False (l4lb.accept).
         assert "_shouldShutdown" in tcp._SocketCloser._closeSocket.__code__.co_names
+
+    def test_client_socket_non_blocking_from_the_start(self) -> None:
+        """`_Client.createInternetSocket` replaces Twisted's (called from
+        ``tcp.Client.__init__``); ``_finishInit`` then runs
+        ``Connection.__init__``, which sets it non-blocking again."""
+        import socket
+
+        from twisted.internet import tcp
+
+        from l4lb.connector import _Client
+
+        assert "createInternetSocket" in tcp.Client.__init__.__code__.co_names
+        assert callable(tcp.BaseClient.createInternetSocket)
+        assert "__init__" in tcp.BaseClient._finishInit.__code__.co_names
+        assert "setblocking" in tcp.Connection.__init__.__code__.co_names
+        client = _Client.__new__(_Client)
+        client.addressFamily, client.socketType = socket.AF_INET, socket.SOCK_STREAM
+        skt = client.createInternetSocket()
+        try:
+            assert skt.gettimeout() == 0.0 and not skt.getblocking()
+            assert skt.type == socket.SOCK_STREAM and skt.family == socket.AF_INET
+            assert not os.get_inheritable(skt.fileno())  # close-on-exec, as before
+        finally:
+            skt.close()
 
     def test_do_connect_order(self) -> None:
         """`_Client.stopReading` skips the stop in ``doConnect``'s success path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -353,6 +354,63 @@ class TestRetries:
             f" {len(connect_failures(logs))} connect attempts timed out"
         )
         assert hole.live == 0
+
+
+class TestClientSpeaksFirst:
+    """A client whose bytes wait at accept: no departure watch, nothing read."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_bytes_waiting_at_accept_wait_for_the_backend(self, lab: Lab) -> None:
+        hole_port = await black_hole(lab)
+        lb = lab.l4lb({"hole": f"127.0.0.1:{hole_port}"}, pool='connect_timeout = "5s"')
+        listening = lb.frontend.port
+        assert listening is not None
+        listening.stopReading()  # the client connects and sends before the accept
+        client = lab.plain_socket()
+        client.setblocking(True)
+        client.settimeout(5)
+        client.connect(("127.0.0.1", lb.port))
+        client.sendall(b"hello")
+        listening.startReading()
+        await lab.until(lambda: lb.frontend.sessions, what="accepted")
+        session = only_session(lb)
+        transport = session.client.transport
+        assert session._watch is None  # bytes were waiting: no watch
+        assert transport not in reactor.getReaders()  # nothing read meanwhile
+        assert session._attempt is not None  # connecting to the black hole
+        assert transport.socket.recv(16, socket.MSG_PEEK) == b"hello"
+        session.close("test over")
+        await drained(lab, lb)
+
+    @pytest_twisted.ensureDeferred
+    async def test_bytes_waiting_at_accept_reach_the_backend(self, lab: Lab) -> None:
+        backend = lab.backend(lab.echo)
+        lb = lab.l4lb({"b": backend.address})
+        listening = lb.frontend.port
+        assert listening is not None
+        listening.stopReading()
+        client = lab.plain_socket()
+        client.setblocking(True)
+        client.settimeout(5)
+        client.connect(("127.0.0.1", lb.port))
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        client.setblocking(False)
+        listening.startReading()
+        got = b""
+
+        def echoed() -> bool:
+            nonlocal got
+            try:
+                data = client.recv(100)
+            except BlockingIOError:
+                return False
+            got += data
+            return data == b""  # closed after the echo
+
+        await lab.until(echoed, what="echo and close")
+        assert got == b"hello"
+        await drained(lab, lb)
 
 
 @BOTH_PATHS

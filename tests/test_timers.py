@@ -57,6 +57,21 @@ class TestTimerQueue:
         assert fired == [("x", 2.5), ("other", 4.0)]
         assert clock.getDelayedCalls() == []
 
+    def test_postpone_and_when_are_the_entrys_due_time(self) -> None:
+        """`Session._schedule` reads ``entry[3]`` instead of calling `when`:
+        this fails if the entry layout changes."""
+        clock, q, fired = _setup()
+        entry = q.add(1.0, _Owner(clock, fired, "x"))
+        other = q.add(2.0, _Owner(clock, fired, "y"))
+        assert q.when(entry) == entry[3] == 1.0
+        q.postpone(entry, 4.0)
+        q.postpone(other, 5.0)
+        assert q.when(entry) == entry[3] == 4.0 and q.when(other) == other[3] == 5.0
+        clock.advance(4.0)
+        assert fired == [("x", 4.0)]
+        clock.advance(1.0)
+        assert fired == [("x", 4.0), ("y", 5.0)]
+
     def test_cancelled_entries_never_fire_and_leave_no_timer(self) -> None:
         clock, q, fired = _setup()
         a = q.add(1.0, _Owner(clock, fired, "a"))
