@@ -30,6 +30,8 @@ from typing import Any
 from twisted.internet import address, tcp
 from twisted.python import log
 
+from l4lb.shapes import TCP_SERVER, prime
+
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 # The transport `Port.doRead` is handing to its protocol, until it starts
@@ -100,6 +102,9 @@ class Server(tcp.Server):
     @repstr.setter
     def repstr(self, value: str) -> None:
         self.__dict__["_repstr"] = value
+
+
+prime(Server, TCP_SERVER)
 
 
 class Port(tcp.Port):

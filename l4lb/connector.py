@@ -39,6 +39,8 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l4lb.shapes import TCP_CLIENT, prime
+
 
 @implementer(IStreamClientEndpoint)
 class DirectTCPEndpoint:
@@ -166,7 +168,7 @@ class _Client(tcp.Client):
         """
         if (
             not self.connected
-            and "doRead" not in self.__dict__
+            and getattr(self.doRead, "__func__", None) is type(self).doRead
             and getattr(self, "connector", None) is not None
         ):
             return
@@ -178,6 +180,9 @@ class _Client(tcp.Client):
             self._start = whenDone
         else:
             super()._finishInit(whenDone, skt, error, reactor)
+
+
+prime(_Client, TCP_CLIENT)
 
 
 class _Direct(ClientFactory):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from typing import Any
@@ -136,3 +137,32 @@ class TestTwistedNames:
                 sender.transport.loseConnection()
             await port.stopListening()
             await _until(lambda: all(not e.transport.connected for e in _Echo.made))
+
+
+_PRIMED_CHECK = """
+import subprocess
+import sys
+from l4lb.accept import Server
+from l4lb.connector import _Client
+from l4lb.shapes import TCP_CLIENT, TCP_SERVER
+for cls, names in ((Server, TCP_SERVER), (_Client, TCP_CLIENT)):
+    crowd = [cls.__new__(cls) for _ in range(40)]
+    obj = cls.__new__(cls)
+    for name in names:
+        if not hasattr(getattr(cls, name, None), "__set__"):
+            object.__setattr__(obj, name, None)
+    print(sys.getsizeof(obj.__dict__))
+"""
+
+
+@pytest.mark.skipif(not CPYTHON_311, reason="CPython 3.11's instance layout")
+def test_l4lb_transports_are_primed() -> None:
+    """In a fresh process, after many instances, every listed name still fits."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PRIMED_CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(out) == 2
+    assert all(int(size) <= 48 + 8 * 30 for size in out), out
