@@ -428,11 +428,7 @@ class Session:
             protocol = ServerProtocol()
             endpoint = self.frontend.endpoint_for(server_state)
             attempt = endpoint.connect(_ServerFactory(protocol))
-            # The session's timer cancels the attempt at its deadline.
-            self._attempt = attempt
-            self._attempt_deadline = attempt_started + timeout
-            self._attempt_timed_out = False
-            self._schedule()
+            self._arm_attempt(attempt, attempt_started + timeout)
             try:
                 await attempt
             except (defer.CancelledError, error.ConnectingCancelledError) as e:
@@ -456,6 +452,13 @@ class Session:
                 return
             self._attempt_failed(pool, server_state, failure, tried)
             server_state = None
+
+    def _arm_attempt(self, attempt: Any, deadline: float) -> None:
+        """Make ``attempt`` the connect in progress: the session's timer cancels it at ``deadline``."""
+        self._attempt = attempt
+        self._attempt_deadline = deadline
+        self._attempt_timed_out = False
+        self._schedule()
 
     def _attempt_failed(
         self,
@@ -504,10 +507,8 @@ class Session:
             self._connect_later(self.connect(server_state))
             return True
         attempt = _DirectAttempt(self, pool, server_state, self.clock.seconds())
-        self._connecting = self._attempt = attempt
-        self._attempt_deadline = attempt.started + pool.config.connect_timeout
-        self._attempt_timed_out = False
-        self._schedule()
+        self._connecting = attempt
+        self._arm_attempt(attempt, attempt.started + pool.config.connect_timeout)
         if not attempt.start(endpoint):  # not on this reactor (a test fake)
             self._connecting = self._attempt = None
             self._connect_later(self.connect(server_state))
